@@ -1,0 +1,67 @@
+"""The broker interface: how a node reaches the other nodes.
+
+A broker carries envelopes between nodes and keeps cluster-wide room presence. Two
+implementations honour it: ``MemoryBroker`` (one process) and ``RedisBroker``.
+The hub is their only caller and makes calls for one room in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
+
+from shared.envelope import Envelope
+from shared.ids import ConnectionId, NodeId, Room
+
+Deliver = Callable[[Envelope], None]
+"""Called by the broker, on the event loop, for every valid envelope from another node."""
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """What the hub needs from a broker."""
+
+    @property
+    def connected(self) -> bool:
+        """True while cross-node traffic can flow (always True for a local broker)."""
+        ...
+
+    @property
+    def has_peers(self) -> bool:
+        """False when no other node can exist, so the hub can skip publishing."""
+        ...
+
+    async def start(self, node_id: NodeId, deliver: Deliver) -> None:
+        """Connect, join this node's channel and the everyone channel, start listening."""
+        ...
+
+    async def close(self) -> None:
+        """Withdraw this node's presence, stop listening, release connections."""
+        ...
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Send one envelope to the nodes it concerns.
+
+        Raises PublishError if it could not be handed to the transport.
+        """
+        ...
+
+    async def subscribe(self, room: Room) -> None:
+        """Receive ``room``'s envelopes from now on (its first local member joined)."""
+        ...
+
+    async def unsubscribe(self, room: Room) -> None:
+        """Stop receiving ``room``'s envelopes (its last local member left)."""
+        ...
+
+    async def add_presence(self, room: Room, connection: ConnectionId) -> None:
+        """Record ``connection`` (on this node) as a member of ``room`` cluster-wide."""
+        ...
+
+    async def remove_presence(self, connection: ConnectionId, rooms: Iterable[Room]) -> None:
+        """Withdraw ``connection`` from ``rooms`` cluster-wide."""
+        ...
+
+    async def room_members(self, room: Room) -> set[ConnectionId]:
+        """Every live connection in ``room`` on every node."""
+        ...

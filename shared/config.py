@@ -1,0 +1,84 @@
+"""Hub configuration: the seed's ``HubConfig`` with its defaults, validated on creation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+DEFAULT_MAX_CONNECTIONS: Final = 10_000
+DEFAULT_MAX_MESSAGE_SIZE: Final = 64 * 1024
+DEFAULT_PING_INTERVAL_MS: Final = 30_000
+DEFAULT_PONG_TIMEOUT_MS: Final = 10_000
+DEFAULT_SEND_BUFFER_LIMIT: Final = 1024 * 1024
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"HubConfig.{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"HubConfig.{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    """Limits and options of one hub (one node).
+
+    ``allowed_origins``: the browser origins (``scheme://host[:port]``) allowed to open a
+    WebSocket. Empty means same-origin only (the Origin's host:port equals the Host
+    header) plus clients that send no Origin header (non-browser clients); ``"*"``
+    allows every origin.
+
+    ``send_buffer_limit`` is not in the seed: the bytes that may wait unsent for one
+    connection before it is cut off as a slow consumer (close code 1008).
+    """
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    ping_interval_ms: int = DEFAULT_PING_INTERVAL_MS
+    pong_timeout_ms: int = DEFAULT_PONG_TIMEOUT_MS
+    enable_compression: bool = False
+    allowed_origins: tuple[str, ...] = field(default=())
+    send_buffer_limit: int = DEFAULT_SEND_BUFFER_LIMIT
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_connections",
+            "max_message_size",
+            "ping_interval_ms",
+            "pong_timeout_ms",
+            "send_buffer_limit",
+        ):
+            _positive_int(name, getattr(self, name))
+        if not isinstance(self.enable_compression, bool):
+            raise TypeError("HubConfig.enable_compression must be a bool")
+        origins = self.allowed_origins
+        if isinstance(origins, str) or not isinstance(origins, Iterable):
+            raise TypeError("HubConfig.allowed_origins must be a sequence of origin strings")
+        normalised = tuple(_normalise_origin(o) for o in origins)
+        object.__setattr__(self, "allowed_origins", normalised)
+
+    @property
+    def ping_interval(self) -> float:
+        """The ping interval in seconds."""
+        return self.ping_interval_ms / 1000
+
+    @property
+    def pong_timeout(self) -> float:
+        """The pong timeout in seconds."""
+        return self.pong_timeout_ms / 1000
+
+
+def _normalise_origin(origin: object) -> str:
+    if not isinstance(origin, str):
+        raise TypeError(f"allowed origin must be a str, got {type(origin).__name__}")
+    value = origin.strip().rstrip("/").lower()
+    if value == "*":
+        return value
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+        raise ValueError(
+            f"allowed origin {origin!r} is not of the form scheme://host[:port] "
+            "(http or https), or '*'"
+        )
+    return value
