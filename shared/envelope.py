@@ -86,7 +86,7 @@ def _validate(env: Envelope) -> None:
 
 def encode(env: Envelope) -> bytes:
     """The msgpack bytes of ``env``."""
-    return msgpack.packb(
+    data: bytes = msgpack.packb(
         [
             ENVELOPE_VERSION,
             int(env.kind),
@@ -99,6 +99,7 @@ def encode(env: Envelope) -> bytes:
         ],
         use_bin_type=True,
     )
+    return data
 
 
 def decode(data: bytes) -> Envelope:

@@ -1,0 +1,166 @@
+"""The ``roomcast`` command: ``roomcast serve`` runs one node with the chat demo.
+
+Every flag has a ROOMCAST_* environment variable (the flag wins); invalid values stop
+the process at start-up with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from broker import create_broker
+from node.demo import create_app
+from shared.config import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_PING_INTERVAL_MS,
+    DEFAULT_PONG_TIMEOUT_MS,
+    DEFAULT_SEND_BUFFER_LIMIT,
+    HubConfig,
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be 0-65535")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("must be true or false")
+
+
+class _Option:
+    def __init__(self, flag: str, env: str, parse: Callable[[str], Any], default: Any,
+                 help: str, **extra: Any) -> None:
+        self.flag, self.env, self.parse, self.default = flag, env, parse, default
+        self.help, self.extra = help, extra
+
+
+_SERVE_OPTIONS = [
+    _Option("--host", "ROOMCAST_HOST", str, "0.0.0.0", "address to listen on"),
+    _Option("--port", "ROOMCAST_PORT", _port, 8080, "port to listen on"),
+    _Option("--redis", "ROOMCAST_REDIS", str, None,
+            "broker URL: redis://, rediss:// or unix://; none runs one node in-process"),
+    _Option("--max-connections", "ROOMCAST_MAX_CONNECTIONS", _positive,
+            DEFAULT_MAX_CONNECTIONS, "connections this node accepts; more get HTTP 503"),
+    _Option("--max-message-size", "ROOMCAST_MAX_MESSAGE_SIZE", _positive,
+            DEFAULT_MAX_MESSAGE_SIZE, "largest message in bytes; larger closes with 1009"),
+    _Option("--ping-interval-ms", "ROOMCAST_PING_INTERVAL_MS", _positive,
+            DEFAULT_PING_INTERVAL_MS, "keepalive ping interval"),
+    _Option("--pong-timeout-ms", "ROOMCAST_PONG_TIMEOUT_MS", _positive,
+            DEFAULT_PONG_TIMEOUT_MS, "close a client whose pong is this late (1011)"),
+    _Option("--send-buffer-limit", "ROOMCAST_SEND_BUFFER_LIMIT", _positive,
+            DEFAULT_SEND_BUFFER_LIMIT,
+            "unsent bytes per connection before it is cut off as a slow consumer (1008)"),
+    _Option("--compression", "ROOMCAST_COMPRESSION", _bool, False,
+            "negotiate permessage-deflate with clients that offer it",
+            nargs="?", const="true"),
+    _Option("--allowed-origin", "ROOMCAST_ALLOWED_ORIGINS", str, [],
+            "browser origin allowed to connect (repeatable; env: comma-separated; '*' "
+            "for any); none means same-origin only", action="append"),
+    _Option("--log-level", "ROOMCAST_LOG_LEVEL", str.upper, "INFO", "logging level"),
+]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roomcast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a node with the chat demo",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for opt in _SERVE_OPTIONS:
+        kwargs = dict(opt.extra)
+        if kwargs.get("action") != "append":
+            kwargs.setdefault("type", str)
+        serve.add_argument(opt.flag, default=None, help=f"{opt.help} [{opt.env}]"
+                           + ("" if opt.default in (None, []) else f" (default {opt.default})"),
+                           **kwargs)
+    return parser
+
+
+def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """Flag, else environment variable, else default; each parsed and validated."""
+    values: dict[str, Any] = {}
+    for opt in _SERVE_OPTIONS:
+        key = opt.flag[2:].replace("-", "_")
+        raw = getattr(args, key)
+        source = opt.flag
+        if raw is None or raw == []:
+            env = os.environ.get(opt.env)
+            if env is not None:
+                raw, source = env, opt.env
+                if opt.extra.get("action") == "append":
+                    raw = [o for o in env.split(",") if o.strip()]
+        if raw is None or raw == []:
+            values[key] = opt.default
+            continue
+        try:
+            values[key] = [opt.parse(r) for r in raw] if isinstance(raw, list) else opt.parse(raw)
+        except ValueError as exc:
+            parser.error(f"{source}: invalid value {raw!r}: {exc}")
+    return values
+
+
+def build_config(values: dict[str, Any]) -> HubConfig:
+    """HubConfig from resolved settings."""
+    return HubConfig(
+        max_connections=values["max_connections"],
+        max_message_size=values["max_message_size"],
+        ping_interval_ms=values["ping_interval_ms"],
+        pong_timeout_ms=values["pong_timeout_ms"],
+        enable_compression=values["compression"],
+        allowed_origins=tuple(values["allowed_origin"]),
+        send_buffer_limit=values["send_buffer_limit"],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``roomcast`` console script."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    values = _resolve(parser, args)
+    try:
+        config = build_config(values)
+        broker = create_broker(values["redis"])
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    if values["log_level"] not in logging.getLevelNamesMapping():
+        parser.error(f"--log-level: unknown level {values['log_level']!r}")
+    logging.basicConfig(
+        level=values["log_level"], stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    app = create_app(config, broker=broker)
+    web.run_app(app, host=values["host"], port=values["port"], print=_ready_line)
+    return 0
+
+
+def _ready_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,306 @@
+"""One WebSocket connection: its state machine, metadata and outgoing buffer.
+
+The state machine lives here and only here: CONNECTING → OPEN → CLOSING → CLOSED
+(CONNECTING or OPEN may also go straight to CLOSED when the transport is lost).
+
+Outgoing frames are queued as ready-made bytes and written by the hub once per
+event-loop turn, so frames queued for one connection in one turn leave in one write.
+A connection whose unsent bytes exceed ``HubConfig.send_buffer_limit`` is cut off as a
+slow consumer (close code 1008) rather than slowing anyone else down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+
+from shared.errors import ConnectionClosedError
+from shared.frames import PreparedMessage, build_frame, close_payload
+from shared.ids import ConnectionId, Room
+from shared.protocol import CloseCode, Opcode
+
+if TYPE_CHECKING:
+    from node.events import EventHandler
+
+SLOW_CONSUMER_REASON: Final = "slow consumer"
+
+
+class ConnectionState(Enum):
+    """The seed's ``ConnectionState``."""
+
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_ALLOWED: Final = {
+    ConnectionState.CONNECTING: {ConnectionState.OPEN, ConnectionState.CLOSED},
+    ConnectionState.OPEN: {ConnectionState.CLOSING, ConnectionState.CLOSED},
+    ConnectionState.CLOSING: {ConnectionState.CLOSED},
+    ConnectionState.CLOSED: set(),
+}
+
+
+class Connection:
+    """A client connected to this node. Created by ``Hub.upgrade``; never by hand."""
+
+    __slots__ = (
+        "_awaiting_pong_since",
+        "_close_code",
+        "_close_reason",
+        "_hub",
+        "_next_ping",
+        "_out",
+        "_out_size",
+        "_queued",
+        "_rooms_view",
+        "_schedule_flush",
+        "_transport",
+        "_ws",
+        "handler",
+        "id",
+        "last_ping_time",
+        "last_pong_time",
+        "metadata",
+        "request",
+        "state",
+        "wbits",
+    )
+
+    def __init__(
+        self,
+        conn_id: ConnectionId,
+        handler: EventHandler,
+        request: web.Request,
+        hub: Any,
+        schedule_flush: Callable[[Connection], None],
+    ) -> None:
+        self.id: Final = conn_id
+        self.handler = handler
+        self.request = request
+        """The aiohttp request that opened the connection (headers, remote address)."""
+        self.state = ConnectionState.CONNECTING
+        self.metadata: dict[str, str] = {}
+        self.last_ping_time = 0.0
+        """``time.time()`` when this node last sent a ping (0 if never)."""
+        self.last_pong_time = 0.0
+        """``time.time()`` when a pong last arrived (0 if never)."""
+        self.wbits = 0
+        """Negotiated permessage-deflate window bits; 0 when not compressed."""
+        self._hub = hub
+        self._ws: web.WebSocketResponse | None = None
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._queued = False
+        self._schedule_flush = schedule_flush
+        self._awaiting_pong_since = 0.0
+        self._next_ping = 0.0
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._rooms_view: Callable[[ConnectionId], frozenset[Room]] = hub.rooms_of
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.state.value}>"
+
+    # -- state machine ---------------------------------------------------------------
+
+    def _set_state(self, new: ConnectionState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"connection {self.id}: {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def is_open(self) -> bool:
+        """True while frames can be sent."""
+        return self.state is ConnectionState.OPEN
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once closing has begun (ours or the peer's)."""
+        return self._close_code
+
+    # -- rooms and metadata ----------------------------------------------------------
+
+    @property
+    def rooms(self) -> frozenset[Room]:
+        """The rooms this connection is in (on this node's index)."""
+        return self._rooms_view(self.id)
+
+    def in_room(self, room: str) -> bool:
+        """Whether this connection is in ``room`` (the seed's ``inRoom``)."""
+        return room in self._rooms_view(self.id)
+
+    def set_metadata(self, key: str, value: str) -> None:
+        """Attach a string value to this connection (``setMetadata``)."""
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("metadata keys and values must be str")
+        self.metadata[key] = value
+
+    def get_metadata(self, key: str, default: str | None = None) -> str | None:
+        """A metadata value, or ``default`` (``getMetadata``)."""
+        return self.metadata.get(key, default)
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send_text(self, text: str) -> None:
+        """Queue a text message; ConnectionClosedError if the connection is not open."""
+        if not isinstance(text, str):
+            raise TypeError(f"send_text takes str, got {type(text).__name__}")
+        self.send_prepared(PreparedMessage(text.encode(), binary=False))
+
+    async def send_binary(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue a binary message; ConnectionClosedError if the connection is not open."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"send_binary takes bytes, got {type(data).__name__}")
+        self.send_prepared(PreparedMessage(bytes(data), binary=True))
+
+    async def send(self, data: str | bytes) -> None:
+        """Queue ``data``: text for ``str``, binary for bytes."""
+        self.send_prepared(PreparedMessage.of(data))
+
+    async def send_ping(self, payload: bytes = b"") -> None:
+        """Queue a ping; the pong that answers it is reported to ``on_pong``."""
+        self._send_control(Opcode.PING, payload)
+        self.last_ping_time = time.time()
+
+    async def send_pong(self, payload: bytes = b"") -> None:
+        """Queue a pong (the node already answers every ping by itself)."""
+        self._send_control(Opcode.PONG, payload)
+
+    def _send_control(self, opcode: Opcode, payload: bytes) -> None:
+        if len(payload) > 125:
+            raise ValueError("ping/pong payload is limited to 125 bytes")
+        self._require_open()
+        self.enqueue(build_frame(opcode, bytes(payload)))
+
+    def send_prepared(self, message: PreparedMessage) -> None:
+        """Queue a message framed once for many (what broadcasts use)."""
+        self._require_open()
+        self.enqueue(message.frame_for(self.wbits))
+
+    def _require_open(self) -> None:
+        if self.state is not ConnectionState.OPEN:
+            raise ConnectionClosedError(
+                f"connection {self.id} is {self.state.value}; it cannot send",
+                self._close_code,
+            )
+
+    def enqueue(self, frame: bytes) -> None:
+        """Queue frame bytes for the next write; cut off a slow consumer."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        self._out.append(frame)
+        self._out_size += len(frame)
+        if self._out_size > self._hub.config.send_buffer_limit:
+            self._cut_off_slow_consumer()
+            return
+        if not self._queued:
+            self._queued = True
+            self._schedule_flush(self)
+
+    def flush(self) -> None:
+        """Write everything queued in one call to the transport."""
+        self._queued = False
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self._out = []
+        self._out_size = 0
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self._hub.config.send_buffer_limit:
+            self._cut_off_slow_consumer()
+
+    def _cut_off_slow_consumer(self) -> None:
+        """The peer does not read fast enough: drop it so it slows no one else."""
+        self._hub.stats.slow_consumers += 1
+        self.abort(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER_REASON)
+
+    # -- closing ---------------------------------------------------------------------
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Send a close frame with ``code`` and ``reason`` and finish the closing handshake.
+
+        Frames already queued go out first. ValueError for a code that may not be sent.
+        """
+        payload = close_payload(code, reason)  # validates before any state changes
+        del payload
+        if self.state is ConnectionState.CONNECTING:
+            raise ConnectionClosedError(f"connection {self.id} is not open yet")
+        if self.state is not ConnectionState.OPEN:
+            return
+        self._close_code, self._close_reason = code, reason
+        self.flush()
+        self._set_state(ConnectionState.CLOSING)
+        ws = self._ws
+        assert ws is not None  # OPEN implies attached
+        await ws.close(code=code, message=reason.encode())
+
+    def abort(self, code: int, reason: str) -> None:
+        """Close at once without waiting for the peer: a slow consumer or a missed pong.
+
+        A close frame is written if the socket can take it; the transport is then
+        closed and, if the peer still does not go, aborted shortly after.
+        """
+        if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
+            return
+        self._close_code, self._close_reason = code, reason
+        self._out = []
+        self._out_size = 0
+        if self.state is ConnectionState.OPEN:
+            self._set_state(ConnectionState.CLOSING)
+        transport = self._transport
+        if transport is None:
+            return
+        if reason == SLOW_CONSUMER_REASON:
+            transport.abort()
+            return
+        if not transport.is_closing():
+            transport.write(build_frame(Opcode.CLOSE, close_payload(code, reason)))
+            transport.close()
+            asyncio.get_running_loop().call_later(1.0, transport.abort)
+
+    def _attach(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport, ping_interval: float
+    ) -> None:
+        """The handshake is done: start sending, and schedule the first keepalive ping."""
+        self._ws = ws
+        self._transport = transport
+        compress = ws.compress
+        self.wbits = int(compress) if compress else 0
+        self._next_ping = time.time() + ping_interval
+        self._set_state(ConnectionState.OPEN)
+
+    def _mark_closed(self) -> bool:
+        """The connection is gone; True if it had been open (so on_close is due)."""
+        was_open = self.state is not ConnectionState.CONNECTING
+        self._out = []
+        self._out_size = 0
+        if self.state is not ConnectionState.CLOSED:
+            self._set_state(ConnectionState.CLOSED)
+        return was_open
+
+    def _pong_received(self) -> None:
+        self.last_pong_time = time.time()
+        self._awaiting_pong_since = 0.0
+
+    def _keepalive(self, now: float, interval: float, timeout: float, ping: bytes) -> bool:
+        """One keepalive step: ping when due; False if a pong is overdue (close it)."""
+        waiting = self._awaiting_pong_since
+        if waiting:
+            return now - waiting < timeout
+        if now >= self._next_ping:
+            self.enqueue(ping)
+            self.last_ping_time = self._awaiting_pong_since = now
+            self._next_ping = now + interval
+        return True

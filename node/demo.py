@@ -1,0 +1,93 @@
+"""The demo node: the seed's chat example, an echo endpoint and the chat page.
+
+Routes: ``GET /`` the chat page, ``GET /chat?room=NAME&name=NAME`` the chat socket,
+``GET /echo`` an echo socket. Chat notices are JSON text messages
+(``{"type": "join"|"leave", "name": ..., "members": N}``); what members send is
+broadcast to the room as it came, sender included.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Final
+
+from aiohttp import web
+
+from broker import Broker
+from node.connection import Connection
+from node.events import EventHandler, Message
+from node.hub import Hub, get_hub
+from shared.config import HubConfig
+from shared.ids import validate_room
+
+DEFAULT_ROOM: Final = "general"
+MAX_NAME_LENGTH: Final = 40
+
+
+def _room_of(conn: Connection) -> str:
+    return conn.get_metadata("room") or DEFAULT_ROOM
+
+
+async def _notice(conn: Connection, kind: str) -> None:
+    hub = get_hub(conn.request)
+    room = _room_of(conn)
+    members = await hub.room_size(room)
+    notice = {"type": kind, "name": conn.get_metadata("name"), "members": members}
+    await hub.broadcast_to_room(room, json.dumps(notice))
+
+
+async def _chat_open(conn: Connection) -> None:
+    await _notice(conn, "join")
+
+
+async def _chat_message(conn: Connection, msg: Message) -> None:
+    await get_hub(conn.request).broadcast_to_room(_room_of(conn), msg.data)
+
+
+async def _chat_close(conn: Connection, code: int, reason: str) -> None:
+    await _notice(conn, "leave")
+
+
+CHAT: Final = EventHandler(on_open=_chat_open, on_message=_chat_message, on_close=_chat_close)
+
+
+async def _echo_message(conn: Connection, msg: Message) -> None:
+    await conn.send(msg.data)
+
+
+ECHO: Final = EventHandler(on_message=_echo_message)
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    """The chat socket: join ``room`` (default ``general``) under ``name``."""
+    room = request.query.get("room", DEFAULT_ROOM)
+    try:
+        validate_room(room)
+    except ValueError as exc:
+        return web.Response(status=400, text=f"bad room: {exc}\n")
+    name = request.query.get("name", "").strip()[:MAX_NAME_LENGTH] or "anonymous"
+    return await get_hub(request).upgrade(
+        request, CHAT, rooms=[room], metadata={"room": room, "name": name}
+    )
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    """The echo socket: every message comes back as it came."""
+    return await get_hub(request).upgrade(request, ECHO)
+
+
+async def index(request: web.Request) -> web.Response:
+    """The chat page."""
+    page = resources.files("node").joinpath("static/chat.html").read_text("utf-8")
+    return web.Response(text=page, content_type="text/html")
+
+
+def create_app(config: HubConfig | None = None, *, broker: Broker | None = None) -> web.Application:
+    """An aiohttp Application with a hub and the demo routes."""
+    app = web.Application()
+    Hub(config, broker=broker).attach(app)
+    app.router.add_get("/", index)
+    app.router.add_get("/chat", chat)
+    app.router.add_get("/echo", echo)
+    return app

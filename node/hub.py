@@ -1,0 +1,508 @@
+"""The Hub: this node's connections, rooms and broadcasts, wired to a broker.
+
+Every broadcast is framed once (``PreparedMessage``) and the same bytes are queued for
+each local member; one envelope goes to the broker for the members on other nodes.
+Queued frames are written once per event-loop turn. There is no task per recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+from aiohttp import WSMsgType, web
+
+from broker import Broker, MemoryBroker
+from node.connection import Connection, ConnectionState
+from node.events import EventHandler, Message, MessageType
+from node.rooms import RoomIndex
+from shared.config import HubConfig
+from shared.envelope import Envelope, Kind
+from shared.errors import HandshakeError
+from shared.frames import PreparedMessage, build_frame
+from shared.handshake import origin_allowed, validate_upgrade_request
+from shared.ids import (
+    ConnectionId,
+    NodeId,
+    Room,
+    make_connection_id,
+    new_node_id,
+    node_of,
+    validate_room,
+)
+from shared.protocol import CloseCode, Opcode
+
+log = logging.getLogger("roomcast.node")
+
+PING_PAYLOAD: Final = b"roomcast"
+_PING_FRAME: Final = build_frame(Opcode.PING, PING_PAYLOAD)
+PONG_TIMEOUT_REASON: Final = "keepalive pong timeout"
+
+Data = str | bytes | bytearray | memoryview
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Counters of one hub; the node exports them as metrics."""
+
+    broadcasts: int = 0
+    envelopes_received: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    refused_full: int = 0
+    refused_origin: int = 0
+    slow_consumers: int = 0
+    pong_timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return asdict(self)
+
+
+class Hub:
+    """The seed's ``Hub``: connections, rooms and broadcasts of one node.
+
+    Create one per process, ``attach`` it to an aiohttp Application, and route
+    WebSocket requests to ``upgrade`` (or ``route(handler)``).
+    """
+
+    def __init__(
+        self,
+        config: HubConfig | None = None,
+        *,
+        broker: Broker | None = None,
+        node_id: NodeId | None = None,
+    ) -> None:
+        self.config = config if config is not None else HubConfig()
+        self.node_id: NodeId = node_id if node_id is not None else new_node_id()
+        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        self.stats = HubStats()
+        self._connections: dict[ConnectionId, Connection] = {}
+        self._rooms: RoomIndex[Connection] = RoomIndex()
+        self._seq = 0
+        self._dirty: list[Connection] = []
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        self._started = False
+        self._accepting = False
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the broker and the keepalive sweep; idempotent."""
+        if self._started:
+            return
+        self._loop = asyncio.get_running_loop()
+        await self.broker.start(self.node_id, self._on_envelope)
+        self._keepalive = asyncio.create_task(self._keepalive_loop(), name="roomcast-keepalive")
+        self._started = True
+        self._accepting = True
+        log.info("node %s started", self.node_id)
+
+    async def close(
+        self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down",
+        drain_seconds: float = 5.0,
+    ) -> None:
+        """Stop accepting, flush queued frames, close every client with ``code``, stop."""
+        self._accepting = False
+        conns = [c for c in self._connections.values() if c.state is ConnectionState.OPEN]
+        if conns:
+            self._flush_all()
+            closing = [asyncio.ensure_future(c.close(code, reason)) for c in conns]
+            _, pending = await asyncio.wait(closing, timeout=drain_seconds)
+            for fut in pending:
+                fut.cancel()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=drain_seconds)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+            self._keepalive = None
+        if self._started:
+            await self.broker.close()
+            self._started = False
+        log.info("node %s stopped", self.node_id)
+
+    def attach(self, app: web.Application) -> web.Application:
+        """Enable WebSockets on ``app`` (the seed's ``enableWebSocket``).
+
+        Stores the hub as ``app[HUB]``, starts it with the app and closes every client
+        with 1001 when the app shuts down.
+        """
+        app[HUB] = self
+
+        async def lifespan(_: web.Application) -> AsyncIterator[None]:
+            await self.start()
+            yield
+            await self.close()
+
+        async def on_shutdown(_: web.Application) -> None:
+            await self.close()
+
+        app.cleanup_ctx.append(lifespan)
+        app.on_shutdown.append(on_shutdown)
+        return app
+
+    # -- connections -----------------------------------------------------------------
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections this node holds (connecting ones included)."""
+        return len(self._connections)
+
+    def connections(self) -> list[Connection]:
+        """A snapshot of this node's open connections."""
+        return [c for c in self._connections.values() if c.state is ConnectionState.OPEN]
+
+    def get_connection(self, conn_id: str) -> Connection | None:
+        """The open local connection with this id, or None (``getConnection``).
+
+        Connections on other nodes are reached with ``send_to``.
+        """
+        conn = self._connections.get(ConnectionId(conn_id))
+        return conn if conn is not None and conn.state is ConnectionState.OPEN else None
+
+    def route(
+        self, handler: EventHandler, *, rooms: Iterable[str] = ()
+    ) -> Any:
+        """An aiohttp handler that upgrades every request with ``handler``."""
+        rooms = tuple(rooms)
+
+        async def websocket_route(request: web.Request) -> web.StreamResponse:
+            return await self.upgrade(request, handler, rooms=rooms)
+
+        return websocket_route
+
+    async def upgrade(
+        self,
+        request: web.Request,
+        handler: EventHandler,
+        *,
+        rooms: Iterable[str] = (),
+        metadata: Mapping[str, str] | None = None,
+    ) -> web.StreamResponse:
+        """Accept a WebSocket on ``request`` and serve it until it closes (``register``).
+
+        Refused before the upgrade: not a WebSocket request (400/405/426), origin not
+        allowed (403), node full or shutting down (503). On success the connection gets
+        ``metadata``, joins ``rooms``, ``on_open`` runs, and every message goes to
+        ``on_message`` in order. Returns when the connection has closed.
+        """
+        try:
+            validate_upgrade_request(request.method, request.headers)
+        except HandshakeError as exc:
+            headers = {"Sec-WebSocket-Version": "13"} if exc.status == 426 else None
+            return web.Response(status=exc.status, text=f"{exc}\n", headers=headers)
+        room_names = [validate_room(r) for r in rooms]
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, request.host, self.config.allowed_origins):
+            self.stats.refused_origin += 1
+            log.info("refused origin %r", origin)
+            return web.Response(status=403, text=f"origin {origin} is not allowed\n")
+        if not self._accepting:
+            return web.Response(status=503, text="node is not accepting connections\n")
+        if len(self._connections) >= self.config.max_connections:
+            self.stats.refused_full += 1
+            return web.Response(
+                status=503,
+                text=f"node is full ({self.config.max_connections} connections)\n",
+                headers={"Retry-After": "1"},
+            )
+
+        self._seq += 1
+        conn = Connection(
+            make_connection_id(self.node_id, self._seq), handler, request, self,
+            self._schedule_flush,
+        )
+        self._connections[conn.id] = conn  # reserve the slot before awaiting
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        ws = web.WebSocketResponse(
+            autoping=False,
+            max_msg_size=self.config.max_message_size,
+            compress=self.config.enable_compression,
+        )
+        try:
+            await ws.prepare(request)
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("connection lost during the handshake")
+            conn._attach(ws, transport, self.config.ping_interval)
+            if metadata:
+                for key, value in metadata.items():
+                    conn.set_metadata(key, value)
+            for room in room_names:
+                await self.join_room(conn, room)
+            await self._call(conn, handler.on_open)
+            await self._serve(conn, ws)
+        finally:
+            await self._finish(conn)
+            if task is not None:
+                self._handlers.discard(task)
+        return ws
+
+    async def _serve(self, conn: Connection, ws: web.WebSocketResponse) -> None:
+        handler = conn.handler
+        stats = self.stats
+        while True:
+            msg = await ws.receive()
+            kind = msg.type
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                stats.messages_in += 1
+                if handler.on_message is not None:
+                    mtype = MessageType.TEXT if kind is WSMsgType.TEXT else MessageType.BINARY
+                    await self._call(conn, handler.on_message, Message(msg.data, mtype))
+            elif kind is WSMsgType.PING:
+                if conn.is_open:
+                    conn.enqueue(build_frame(Opcode.PONG, msg.data))
+                await self._call(conn, handler.on_ping, msg.data)
+            elif kind is WSMsgType.PONG:
+                conn._pong_received()
+                await self._call(conn, handler.on_pong, msg.data)
+            elif kind is WSMsgType.CLOSE:
+                if conn._close_code is None:
+                    conn._close_code = int(msg.data)
+                    conn._close_reason = msg.extra or ""
+                return
+            elif kind is WSMsgType.ERROR:
+                code = ws.close_code or CloseCode.PROTOCOL_ERROR
+                if conn._close_code is None:
+                    conn._close_code, conn._close_reason = int(code), str(msg.data)
+                await self._call(conn, handler.on_error, msg.data)
+                return
+            else:  # CLOSING / CLOSED: the transport went away or we closed it
+                return
+
+    async def _finish(self, conn: Connection) -> None:
+        """Leave every room, forget the connection, then report ``on_close`` once."""
+        was_open = conn._mark_closed()
+        self._connections.pop(conn.id, None)
+        rooms, emptied = self._rooms.leave_all(conn.id)
+        if rooms:
+            try:
+                await self.broker.remove_presence(conn.id, rooms)
+                for room in emptied:
+                    if not self._rooms.size(room):
+                        await self.broker.unsubscribe(room)
+            except Exception:
+                log.exception("broker failed while %s left its rooms", conn.id)
+        if was_open:
+            code = conn._close_code if conn._close_code is not None else CloseCode.ABNORMAL
+            await self._call(conn, conn.handler.on_close, code, conn._close_reason)
+
+    async def _call(self, conn: Connection, callback: Any, *args: Any) -> None:
+        """Run a user callback; report what it raises to ``on_error`` and the log."""
+        if callback is None:
+            return
+        try:
+            result = callback(conn, *args)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("callback %s failed on %s", getattr(callback, "__name__", callback),
+                          conn.id)
+            on_error = conn.handler.on_error
+            if on_error is not None and callback is not on_error:
+                await self._call(conn, on_error, exc)
+
+    # -- rooms -----------------------------------------------------------------------
+
+    def rooms_of(self, conn_id: ConnectionId) -> frozenset[Room]:
+        """The rooms a local connection is in."""
+        return self._rooms.rooms_of(conn_id)
+
+    async def join_room(self, conn: Connection, room: str) -> None:
+        """Add ``conn`` to ``room``; its cross-node broadcasts reach it once this returns."""
+        name = validate_room(room)
+        if conn.state is not ConnectionState.OPEN:
+            raise ValueError(f"connection {conn.id} is {conn.state.value}; it cannot join rooms")
+        if self._rooms.contains(name, conn.id):
+            return
+        first = self._rooms.join(name, conn.id, conn)
+        if first:
+            await self.broker.subscribe(name)
+        await self.broker.add_presence(name, conn.id)
+
+    async def leave_room(self, conn: Connection, room: str) -> None:
+        """Remove ``conn`` from ``room``; nothing happens if it was not a member."""
+        name = validate_room(room)
+        if not self._rooms.contains(name, conn.id):
+            return
+        last = self._rooms.leave(name, conn.id)
+        await self.broker.remove_presence(conn.id, (name,))
+        if last and not self._rooms.size(name):
+            await self.broker.unsubscribe(name)
+
+    def local_room_size(self, room: str) -> int:
+        """Members of ``room`` on this node only."""
+        return self._rooms.size(validate_room(room))
+
+    def local_rooms(self) -> list[Room]:
+        """Rooms with at least one member on this node."""
+        return list(self._rooms.rooms())
+
+    async def room_size(self, room: str) -> int:
+        """Members of ``room`` across the cluster (``roomSize``)."""
+        return len(await self.room_members(room))
+
+    async def room_members(self, room: str) -> set[ConnectionId]:
+        """Connection ids in ``room`` across the cluster."""
+        name = validate_room(room)
+        if not self.broker.has_peers:
+            return set(self._rooms.members(name))
+        return await self.broker.room_members(name)
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def broadcast_to_room(
+        self, room: str, data: Data, *, exclude: str | None = None
+    ) -> None:
+        """Send ``data`` to every member of ``room`` on every node (``broadcastToRoom``).
+
+        Local members get it before this returns; PublishError means members on other
+        nodes did not.
+        """
+        name = validate_room(room)
+        prepared = PreparedMessage.of(data)
+        self.stats.broadcasts += 1
+        self._deliver(self._rooms.members(name).values(), prepared, exclude)
+        if self.broker.has_peers:
+            await self.broker.publish(
+                Envelope(Kind.ROOM, name, prepared.payload, prepared.binary, self.node_id,
+                         exclude or "", time.time())
+            )
+
+    async def broadcast_to_room_except(self, room: str, data: Data, exclude: str) -> None:
+        """``broadcast_to_room`` without the connection ``exclude`` (``broadcastToRoomExcept``)."""
+        await self.broadcast_to_room(room, data, exclude=exclude)
+
+    async def broadcast(self, data: Data, *, exclude: str | None = None) -> None:
+        """Send ``data`` to every connection on every node (``broadcast``)."""
+        prepared = PreparedMessage.of(data)
+        self.stats.broadcasts += 1
+        self._deliver(self._connections.values(), prepared, exclude)
+        if self.broker.has_peers:
+            await self.broker.publish(
+                Envelope(Kind.ALL, "", prepared.payload, prepared.binary, self.node_id,
+                         exclude or "", time.time())
+            )
+
+    async def broadcast_except(self, data: Data, exclude: str) -> None:
+        """``broadcast`` without the connection ``exclude`` (``broadcastExcept``)."""
+        await self.broadcast(data, exclude=exclude)
+
+    async def send_to(self, conn_id: str, data: Data) -> bool:
+        """Send ``data`` to one connection on any node.
+
+        True if it was queued locally or published to the owning node; False if the id
+        names a connection of this node that is not open. ValueError for a malformed id.
+        """
+        owner = node_of(conn_id)
+        prepared = PreparedMessage.of(data)
+        if owner == self.node_id:
+            conn = self.get_connection(conn_id)
+            if conn is None:
+                return False
+            conn.send_prepared(prepared)
+            self.stats.messages_out += 1
+            return True
+        await self.broker.publish(
+            Envelope(Kind.CONNECTION, conn_id, prepared.payload, prepared.binary,
+                     self.node_id, "", time.time())
+        )
+        return True
+
+    def _deliver(
+        self, members: Iterable[Connection], prepared: PreparedMessage, exclude: str | None
+    ) -> None:
+        """Queue the prepared frame for each open member except ``exclude``."""
+        count = 0
+        open_state = ConnectionState.OPEN
+        if self.config.enable_compression:
+            for conn in members:
+                if conn.state is open_state and conn.id != exclude:
+                    conn.enqueue(prepared.frame_for(conn.wbits))
+                    count += 1
+        else:
+            frame = prepared.frame
+            for conn in members:
+                if conn.state is open_state and conn.id != exclude:
+                    conn.enqueue(frame)
+                    count += 1
+        self.stats.messages_out += count
+
+    def _on_envelope(self, env: Envelope) -> None:
+        """Deliver an envelope from another node to the local connections it names."""
+        if env.origin == self.node_id:
+            return
+        self.stats.envelopes_received += 1
+        prepared = PreparedMessage(env.payload, binary=env.binary)
+        exclude = env.exclude or None
+        if env.kind is Kind.ROOM:
+            self._deliver(self._rooms.members(Room(env.target)).values(), prepared, exclude)
+        elif env.kind is Kind.ALL:
+            self._deliver(self._connections.values(), prepared, exclude)
+        else:
+            conn = self._connections.get(ConnectionId(env.target))
+            if conn is not None:
+                self._deliver((conn,), prepared, None)
+
+    # -- the write path --------------------------------------------------------------
+
+    def _schedule_flush(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        """Write every connection's queued frames: one write per connection per turn."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+    # -- keepalive -------------------------------------------------------------------
+
+    async def _keepalive_loop(self) -> None:
+        """Ping every connection each ping interval; close those that miss the pong."""
+        interval = self.config.ping_interval
+        timeout = self.config.pong_timeout
+        tick = max(min(interval, timeout) / 4, 0.01)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.time()
+            for conn in self._connections.values():
+                if conn.state is ConnectionState.OPEN and not conn._keepalive(
+                    now, interval, timeout, _PING_FRAME
+                ):
+                    self.stats.pong_timeouts += 1
+                    log.info("closing %s: no pong within %.1fs", conn.id, timeout)
+                    conn.abort(CloseCode.INTERNAL_ERROR, PONG_TIMEOUT_REASON)
+
+
+HUB: Final = web.AppKey("roomcast_hub", Hub)
+"""Where ``Hub.attach`` stores the hub on an aiohttp Application."""
+
+
+def get_hub(request: web.Request) -> Hub:
+    """The hub attached to the request's application (``ctx.app.ws_hub``)."""
+    try:
+        return request.app[HUB]
+    except KeyError:
+        raise RuntimeError(
+            "no roomcast Hub on this application: call hub.attach(app) first"
+        ) from None

@@ -1,0 +1,90 @@
+"""The local room index: which of this node's connections are in which room.
+
+Everything about room membership on one node lives here: plain code, no I/O. The hub
+asks it who is in a room and learns from ``join``/``leave`` when a room gains its first
+local member or loses its last (the moments to subscribe to or drop the room's channel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from shared.ids import ConnectionId, Room
+
+T = TypeVar("T")
+
+_EMPTY: Mapping[ConnectionId, Any] = {}
+
+
+class RoomIndex(Generic[T]):
+    """Rooms to members (``ConnectionId`` → member object) and members to rooms."""
+
+    __slots__ = ("_members", "_rooms_of")
+
+    def __init__(self) -> None:
+        self._members: dict[Room, dict[ConnectionId, T]] = {}
+        self._rooms_of: dict[ConnectionId, set[Room]] = {}
+
+    def join(self, room: Room, conn_id: ConnectionId, member: T) -> bool:
+        """Add a member; True if ``room`` had no local member before."""
+        members = self._members.get(room)
+        first = members is None
+        if members is None:
+            members = self._members[room] = {}
+        members[conn_id] = member
+        self._rooms_of.setdefault(conn_id, set()).add(room)
+        return first
+
+    def leave(self, room: Room, conn_id: ConnectionId) -> bool:
+        """Remove a member; True if ``room`` has no local member left (and was joined)."""
+        members = self._members.get(room)
+        if members is None or members.pop(conn_id, None) is None:
+            return False
+        rooms = self._rooms_of.get(conn_id)
+        if rooms is not None:
+            rooms.discard(room)
+            if not rooms:
+                del self._rooms_of[conn_id]
+        if members:
+            return False
+        del self._members[room]
+        return True
+
+    def leave_all(self, conn_id: ConnectionId) -> tuple[list[Room], list[Room]]:
+        """Remove a member from every room: (rooms it left, rooms now empty locally)."""
+        rooms = self._rooms_of.pop(conn_id, set())
+        emptied = []
+        for room in rooms:
+            members = self._members[room]
+            del members[conn_id]
+            if not members:
+                del self._members[room]
+                emptied.append(room)
+        return sorted(rooms), emptied
+
+    def members(self, room: Room) -> Mapping[ConnectionId, T]:
+        """The local members of ``room`` (a live view: copy before awaiting)."""
+        members = self._members.get(room)
+        return _EMPTY if members is None else members
+
+    def size(self, room: Room) -> int:
+        """How many local members ``room`` has."""
+        members = self._members.get(room)
+        return 0 if members is None else len(members)
+
+    def rooms_of(self, conn_id: ConnectionId) -> frozenset[Room]:
+        """The rooms ``conn_id`` is in."""
+        return frozenset(self._rooms_of.get(conn_id, ()))
+
+    def contains(self, room: Room, conn_id: ConnectionId) -> bool:
+        """Whether ``conn_id`` is a local member of ``room``."""
+        members = self._members.get(room)
+        return members is not None and conn_id in members
+
+    def rooms(self) -> Iterator[Room]:
+        """Every room with at least one local member."""
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
