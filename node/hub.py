@@ -229,7 +229,8 @@ class Hub:
             self._handlers.add(task)
         ws = web.WebSocketResponse(
             autoping=False,
-            max_msg_size=self.config.max_message_size,
+            # aiohttp refuses a message of exactly max_msg_size; ours is inclusive.
+            max_msg_size=self.config.max_message_size + 1,
             compress=self.config.enable_compression,
         )
         try:
@@ -259,6 +260,10 @@ class Hub:
             kind = msg.type
             if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                 stats.messages_in += 1
+                if conn.wbits and _size(msg.data) > self.config.max_message_size:
+                    # aiohttp's inflate limit is one byte looser than ours.
+                    await conn.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                    return
                 if handler.on_message is not None:
                     mtype = MessageType.TEXT if kind is WSMsgType.TEXT else MessageType.BINARY
                     await self._call(conn, handler.on_message, Message(msg.data, mtype))
@@ -275,7 +280,8 @@ class Hub:
                     conn._close_reason = msg.extra or ""
                 return
             elif kind is WSMsgType.ERROR:
-                code = ws.close_code or CloseCode.PROTOCOL_ERROR
+                # aiohttp sent the close frame; WebSocketError carries the code it used.
+                code = getattr(msg.data, "code", None) or CloseCode.INTERNAL_ERROR
                 if conn._close_code is None:
                     conn._close_code, conn._close_reason = int(code), str(msg.data)
                 await self._call(conn, handler.on_error, msg.data)
@@ -492,6 +498,10 @@ class Hub:
                     self.stats.pong_timeouts += 1
                     log.info("closing %s: no pong within %.1fs", conn.id, timeout)
                     conn.abort(CloseCode.INTERNAL_ERROR, PONG_TIMEOUT_REASON)
+
+
+def _size(data: str | bytes) -> int:
+    return len(data.encode()) if isinstance(data, str) else len(data)
 
 
 HUB: Final = web.AppKey("roomcast_hub", Hub)
