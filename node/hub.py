@@ -19,6 +19,7 @@ from typing import Any, Final
 from aiohttp import WSMsgType, web
 
 from broker import Broker, MemoryBroker
+from node._masking import GuardedWebSocketResponse
 from node.connection import Connection, ConnectionState
 from node.events import EventHandler, Message, MessageType
 from node.rooms import RoomIndex
@@ -227,7 +228,7 @@ class Hub:
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
-        ws = web.WebSocketResponse(
+        ws = GuardedWebSocketResponse(
             autoping=False,
             # aiohttp refuses a message of exactly max_msg_size; ours is inclusive.
             max_msg_size=self.config.max_message_size + 1,

@@ -271,3 +271,53 @@ class PreparedMessage:
                 frame = build_frame(opcode, body, rsv1=True)
             self._deflated[wbits] = frame
         return frame
+
+
+class MaskChecker:
+    """Follows frame boundaries in a client's byte stream and rejects unmasked frames.
+
+    RFC 6455 section 5.1 requires a server to close with 1002 on an unmasked client
+    frame. Only headers are read; payload bytes are skipped, not copied.
+    """
+
+    __slots__ = ("_header", "_skip")
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._skip = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Check the frame headers in ``data``; ProtocolError on an unmasked frame."""
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            header = self._header
+            need = self._header_size()
+            take = min(need - len(header), end - pos)
+            header += view[pos : pos + take]
+            pos += take
+            need = self._header_size()
+            if len(header) < need:
+                continue
+            if not header[1] & 0x80:
+                raise ProtocolError("client frames must be masked")
+            length = header[1] & 0x7F
+            if length == 126:
+                length = _U16.unpack_from(header, 2)[0]
+            elif length == 127:
+                length = _U64.unpack_from(header, 2)[0]
+            self._skip = length
+            header.clear()
+
+    def _header_size(self) -> int:
+        header = self._header
+        if len(header) < 2:
+            return 2
+        length = header[1] & 0x7F
+        extra = 2 if length == 126 else 8 if length == 127 else 0
+        return 2 + extra + 4

@@ -23,7 +23,7 @@ class RawClient:
     @classmethod
     async def connect(
         cls, host: str, port: int, path: str = "/echo", extra: dict[str, str] | None = None,
-        *, version: str = "13",
+        *, version: str = "13", early: bytes = b"",
     ) -> RawClient:
         """Open a TCP connection and send an upgrade request; read the response head."""
         reader, writer = await asyncio.open_connection(host, port)
@@ -35,7 +35,7 @@ class RawClient:
             f"Sec-WebSocket-Version: {version}",
         ]
         lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + early)
         head = await reader.readuntil(b"\r\n\r\n")
         status_line, *header_lines = head.decode().split("\r\n")
         client.status = int(status_line.split()[1])
