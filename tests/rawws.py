@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 
 from shared.frames import Frame, parse_frame
@@ -68,7 +69,5 @@ class RawClient:
     async def close(self) -> None:
         """Close the socket."""
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass

@@ -116,9 +116,8 @@ async def test_chat_broadcasts_to_room_with_sender_and_notices(serve: Serve) -> 
 async def test_chat_rejects_bad_room_name(serve: Serve) -> None:
     """A room name with control characters is refused with 400 before the upgrade."""
     base = await serve(create_app())
-    async with aiohttp.ClientSession() as session:
-        async with session.get(base + "/chat?room=a%00b") as resp:
-            assert resp.status == 400
+    async with aiohttp.ClientSession() as session, session.get(base + "/chat?room=a%00b") as resp:
+        assert resp.status == 400
 
 
 async def test_room_api_and_metadata(serve: Serve, rec: Recorder) -> None:

@@ -1,0 +1,81 @@
+"""`roomcast serve` as a user runs it: a real process, real sockets, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+import websockets
+
+from tests.e2e.procs import REPO, NodeProcess
+
+
+async def test_serve_runs_chat_demo_and_drains_on_sigterm() -> None:
+    """The default node serves the page and chat; SIGTERM closes clients with 1001, exit 0."""
+    with NodeProcess() as node:
+        async with aiohttp.ClientSession() as session, session.get(node.url + "/") as resp:
+            assert resp.status == 200
+            assert "roomcast chat" in await resp.text()
+        async with websockets.connect(node.ws_url + "/chat?room=lobby&name=ann") as ws:
+            notice = json.loads(await ws.recv())
+            assert notice == {"type": "join", "name": "ann", "members": 1}
+            await ws.send("hi")
+            assert await ws.recv() == "hi"
+            code = await asyncio.to_thread(node.terminate)
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        assert code == 0, node.log()
+
+
+async def test_flags_and_environment_configure_the_node() -> None:
+    """--max-message-size and ROOMCAST_MAX_CONNECTIONS reach the hub."""
+    with NodeProcess("--max-message-size", "100", env={"ROOMCAST_MAX_CONNECTIONS": "1"}) as node:
+        async with websockets.connect(node.ws_url + "/echo") as ws:
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(node.ws_url + "/echo"):
+                    pass
+            assert refused.value.response.status_code == 503
+            await ws.send("x" * 101)
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--port", "http"], {}, "--port"),
+        (["--max-connections", "0"], {}, "--max-connections"),
+        ([], {"ROOMCAST_PING_INTERVAL_MS": "-5"}, "ROOMCAST_PING_INTERVAL_MS"),
+        (["--compression", "maybe"], {}, "--compression"),
+        (["--allowed-origin", "example.com"], {}, "allowed origin"),
+        (["--redis", "http://x"], {}, "broker URL"),
+    ],
+)
+def test_invalid_settings_stop_startup_naming_the_setting(
+    args: list[str], env: dict[str, str], named: str
+) -> None:
+    """A bad value exits with status 2 and a message that names the setting."""
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "serve", *args], cwd=REPO,
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert named in result.stderr
+
+
+def test_help_documents_every_setting_with_its_variable() -> None:
+    """serve --help names each ROOMCAST_* variable."""
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "serve", "--help"], cwd=REPO,
+        capture_output=True, text=True, timeout=30,
+    )
+    for var in ("ROOMCAST_PORT", "ROOMCAST_MAX_CONNECTIONS", "ROOMCAST_ALLOWED_ORIGINS",
+                "ROOMCAST_COMPRESSION", "ROOMCAST_PONG_TIMEOUT_MS", "ROOMCAST_REDIS"):
+        assert var in result.stdout
