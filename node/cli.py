@@ -65,6 +65,12 @@ _SERVE_OPTIONS = [
     _Option("--port", "ROOMCAST_PORT", _port, 8080, "port to listen on"),
     _Option("--redis", "ROOMCAST_REDIS", str, None,
             "broker URL: redis://, rediss:// or unix://; none runs one node in-process"),
+    _Option("--redis-prefix", "ROOMCAST_REDIS_PREFIX", str, "roomcast",
+            "prefix of every Redis channel and key (deployments sharing a Redis differ)"),
+    _Option("--heartbeat-ms", "ROOMCAST_HEARTBEAT_MS", _positive, 1000,
+            "how often a node refreshes its presence in Redis"),
+    _Option("--presence-ttl-ms", "ROOMCAST_PRESENCE_TTL_MS", _positive, 5000,
+            "a node silent this long is dead: its members leave every room"),
     _Option("--max-connections", "ROOMCAST_MAX_CONNECTIONS", _positive,
             DEFAULT_MAX_CONNECTIONS, "connections this node accepts; more get HTTP 503"),
     _Option("--max-message-size", "ROOMCAST_MAX_MESSAGE_SIZE", _positive,
@@ -82,6 +88,10 @@ _SERVE_OPTIONS = [
     _Option("--allowed-origin", "ROOMCAST_ALLOWED_ORIGINS", str, [],
             "browser origin allowed to connect (repeatable; env: comma-separated; '*' "
             "for any); none means same-origin only", action="append"),
+    _Option("--workers", "ROOMCAST_WORKERS", _positive, 1,
+            "node processes sharing the port (SO_REUSEPORT); above 1 needs --redis"),
+    _Option("--reuse-port", "ROOMCAST_REUSE_PORT", _bool, False,
+            "share the port with other processes (SO_REUSEPORT)", nargs="?", const="true"),
     _Option("--log-level", "ROOMCAST_LOG_LEVEL", str.upper, "INFO", "logging level"),
 ]
 
@@ -144,17 +154,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = _resolve(parser, args)
     try:
         config = build_config(values)
-        broker = create_broker(values["redis"])
+        broker = create_broker(
+            values["redis"], prefix=values["redis_prefix"],
+            heartbeat_interval=values["heartbeat_ms"] / 1000,
+            presence_ttl=values["presence_ttl_ms"] / 1000,
+        )
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     if values["log_level"] not in logging.getLevelNamesMapping():
         parser.error(f"--log-level: unknown level {values['log_level']!r}")
+    if values["workers"] > 1:
+        if not values["redis"]:
+            parser.error(
+                "--workers: each worker is a node of its own; without --redis they cannot "
+                "share rooms or reach each other's connections. Pass --redis URL, or use "
+                "--workers 1"
+            )
+        if values["port"] == 0:
+            parser.error("--workers: a fixed --port is needed for workers to share it")
     logging.basicConfig(
         level=values["log_level"], stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if values["workers"] > 1:
+        from node.supervisor import Supervisor
+
+        argv_list = list(sys.argv[1:] if argv is None else argv)
+        return Supervisor(argv_list, values["workers"]).run()
     app = create_app(config, broker=broker)
-    web.run_app(app, host=values["host"], port=values["port"], print=_ready_line)
+    web.run_app(app, host=values["host"], port=values["port"], print=_ready_line,
+                reuse_port=values["reuse_port"] or None)
     return 0
 
 

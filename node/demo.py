@@ -2,8 +2,10 @@
 
 Routes: ``GET /`` the chat page, ``GET /chat?room=NAME&name=NAME`` the chat socket,
 ``GET /echo`` an echo socket. Chat notices are JSON text messages
-(``{"type": "join"|"leave", "name": ..., "members": N}``); what members send is
-broadcast to the room as it came, sender included.
+(``{"type": "join"|"leave", "name": ..., "members": N}``, ``members`` null while the
+cluster-wide count is unknown); what members send is broadcast to the room as it came,
+sender included. A member whose message could not reach other nodes is told so with
+``{"type": "error", "text": ...}``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from node.connection import Connection
 from node.events import EventHandler, Message
 from node.hub import Hub, get_hub
 from shared.config import HubConfig
+from shared.errors import BrokerError, PublishError
 from shared.ids import validate_room
 
 DEFAULT_ROOM: Final = "general"
@@ -29,12 +32,23 @@ def _room_of(conn: Connection) -> str:
     return conn.get_metadata("room") or DEFAULT_ROOM
 
 
+async def _room_broadcast(conn: Connection, data: str | bytes) -> None:
+    """Broadcast to the member's room; tell the member if other nodes were not reached."""
+    try:
+        await get_hub(conn.request).broadcast_to_room(_room_of(conn), data)
+    except PublishError:
+        if conn.is_open:
+            warning = {"type": "error", "text": "not delivered to members on other nodes"}
+            await conn.send_text(json.dumps(warning))
+
+
 async def _notice(conn: Connection, kind: str) -> None:
-    hub = get_hub(conn.request)
-    room = _room_of(conn)
-    members = await hub.room_size(room)
+    try:
+        members: int | None = await get_hub(conn.request).room_size(_room_of(conn))
+    except BrokerError:
+        members = None  # the cluster-wide count is unknown while Redis is unreachable
     notice = {"type": kind, "name": conn.get_metadata("name"), "members": members}
-    await hub.broadcast_to_room(room, json.dumps(notice))
+    await _room_broadcast(conn, json.dumps(notice))
 
 
 async def _chat_open(conn: Connection) -> None:
@@ -42,7 +56,7 @@ async def _chat_open(conn: Connection) -> None:
 
 
 async def _chat_message(conn: Connection, msg: Message) -> None:
-    await get_hub(conn.request).broadcast_to_room(_room_of(conn), msg.data)
+    await _room_broadcast(conn, msg.data)
 
 
 async def _chat_close(conn: Connection, code: int, reason: str) -> None:

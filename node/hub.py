@@ -234,6 +234,10 @@ class Hub:
             max_msg_size=self.config.max_message_size + 1,
             compress=self.config.enable_compression,
         )
+        # Which node took the connection, and its id (for targeted sends and for
+        # checking where a load balancer sends clients).
+        ws.headers["X-Roomcast-Node"] = self.node_id
+        ws.headers["X-Roomcast-Connection"] = conn.id
         try:
             await ws.prepare(request)
             transport = request.transport

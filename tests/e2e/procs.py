@@ -10,7 +10,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +44,8 @@ class NodeProcess:
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
+        fd, self._log_path = tempfile.mkstemp(prefix="roomcast-node-", suffix=".log")
+        os.close(fd)
 
     @property
     def url(self) -> str:
@@ -58,8 +58,9 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         cmd = [sys.executable, "-m", "node.cli", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        with open(self._log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.port, self.proc)
         except BaseException:
@@ -68,8 +69,7 @@ class NodeProcess:
         return self
 
     def log(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")
+        return Path(self._log_path).read_text(errors="replace")
 
     def terminate(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; the exit code."""
@@ -88,4 +88,3 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
-        self._log.close()

@@ -1,0 +1,92 @@
+"""``roomcast serve --workers N``: N node processes sharing one port with SO_REUSEPORT.
+
+The supervisor starts each worker as ``roomcast serve ... --workers 1 --reuse-port``,
+so every worker is a full node with its own node id; the kernel spreads new connections
+across them. A worker that exits unexpectedly is replaced (with a short backoff if it
+keeps crashing). SIGTERM or SIGINT is passed on to every worker, which drains its
+clients (close 1001) and exits; the supervisor exits 0 once all have.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Final
+
+log = logging.getLogger("roomcast.supervisor")
+
+_POLL_SECONDS: Final = 0.2
+_CRASH_WINDOW: Final = 5.0
+_MAX_BACKOFF: Final = 5.0
+
+
+class Supervisor:
+    """Keeps ``count`` worker processes running until told to stop."""
+
+    def __init__(self, argv: Sequence[str], count: int, drain_seconds: float = 30.0) -> None:
+        self._worker_argv = [sys.executable, "-m", "node.cli", *argv,
+                             "--workers", "1", "--reuse-port"]
+        self._count = count
+        self._drain_seconds = drain_seconds
+        self._workers: dict[int, subprocess.Popen[bytes]] = {}
+        self._started_at: dict[int, float] = {}
+        self._crashes: dict[int, int] = {}
+        self._stopping = False
+
+    def _spawn(self, slot: int) -> None:
+        proc = subprocess.Popen(self._worker_argv)
+        self._workers[slot] = proc
+        self._started_at[slot] = time.monotonic()
+        log.info("worker %d started (pid %d)", slot, proc.pid)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: draining %d workers", signal.Signals(signum).name,
+                 len(self._workers))
+        self._stopping = True
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit status."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for slot in range(self._count):
+            self._spawn(slot)
+        restart_at: dict[int, float] = {}
+        while not self._stopping:
+            time.sleep(_POLL_SECONDS)
+            now = time.monotonic()
+            for slot, proc in list(self._workers.items()):
+                if slot in restart_at:
+                    if now >= restart_at[slot] and not self._stopping:
+                        del restart_at[slot]
+                        self._spawn(slot)
+                    continue
+                code = proc.poll()
+                if code is None:
+                    continue
+                quick = now - self._started_at[slot] < _CRASH_WINDOW
+                self._crashes[slot] = self._crashes.get(slot, 0) + 1 if quick else 0
+                delay = min(_MAX_BACKOFF, 0.1 * 2 ** self._crashes[slot]) if quick else 0.0
+                log.warning("worker %d (pid %d) exited with %s; restarting in %.1fs",
+                            slot, proc.pid, code, delay)
+                restart_at[slot] = now + delay
+        return self._stop_all(restart_at)
+
+    def _stop_all(self, not_running: dict[int, float]) -> int:
+        alive = [p for s, p in self._workers.items() if s not in not_running and p.poll() is None]
+        for proc in alive:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._drain_seconds
+        for proc in alive:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d did not drain in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+        log.info("all workers stopped")
+        return 0
