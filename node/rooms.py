@@ -39,8 +39,10 @@ class RoomIndex(Generic[T]):
     def leave(self, room: Room, conn_id: ConnectionId) -> bool:
         """Remove a member; True if ``room`` has no local member left (and was joined)."""
         members = self._members.get(room)
-        if members is None or members.pop(conn_id, None) is None:
+        # Membership by key, not by popped value: a member object may itself be None.
+        if members is None or conn_id not in members:
             return False
+        del members[conn_id]
         rooms = self._rooms_of.get(conn_id)
         if rooms is not None:
             rooms.discard(room)

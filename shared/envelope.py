@@ -111,9 +111,10 @@ def decode(data: bytes) -> Envelope:
     if not isinstance(obj, list) or len(obj) != _FIELDS:
         raise EnvelopeError(f"envelope must be a msgpack array of {_FIELDS} items")
     version, kind, origin, target, exclude, binary, payload, sent_at = obj
-    if version != ENVELOPE_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != ENVELOPE_VERSION:
         raise EnvelopeError(f"unsupported envelope version {version!r}")
-    if isinstance(kind, bool) or kind not in Kind._value2member_map_:
+    # An exact int check first: a list or map here is unhashable (TypeError on lookup).
+    if type(kind) is not int or kind not in Kind._value2member_map_:
         raise EnvelopeError(f"unknown envelope kind {kind!r}")
     return Envelope(
         kind=Kind(kind),

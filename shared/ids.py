@@ -55,4 +55,8 @@ def validate_room(room: object) -> Room:
         raise ValueError(f"room name must be 1-{MAX_ROOM_LENGTH} characters, got {len(room)}")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in room):
         raise ValueError(f"room name {room!r} contains control characters")
+    try:
+        room.encode()  # channel names and envelopes carry it as UTF-8
+    except UnicodeEncodeError:
+        raise ValueError(f"room name {room!r} is not valid Unicode (lone surrogate)") from None
     return Room(room)
