@@ -35,7 +35,9 @@ def validate_upgrade_request(method: str, headers: Mapping[str, str]) -> str:
             "this is a WebSocket endpoint: send 'Upgrade: websocket' and "
             "'Connection: Upgrade' (use a WebSocket client)"
         )
-    if "upgrade" not in _tokens(headers.get("Connection", "")):
+    getall = getattr(headers, "getall", None)  # a header may be sent more than once
+    connection = ", ".join(getall("Connection", ())) if getall else headers.get("Connection", "")
+    if "upgrade" not in _tokens(connection):
         raise HandshakeError("the Connection header must contain 'Upgrade'")
     version = headers.get("Sec-WebSocket-Version", "").strip()
     if version != WS_VERSION:

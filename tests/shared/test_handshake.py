@@ -162,3 +162,16 @@ def test_empty_list_is_same_origin_by_host() -> None:
 def test_empty_list_refuses_other_hosts(origin: str, host: str | None) -> None:
     """With no list, a different host or port, no Host, or an opaque origin is refused."""
     assert not origin_allowed(origin, host, ())
+
+
+def test_connection_header_sent_twice_is_read_whole() -> None:
+    """'Connection: keep-alive' and 'Connection: Upgrade' as two headers are accepted."""
+    from multidict import CIMultiDict
+
+    from shared.handshake import validate_upgrade_request as validate
+
+    headers = CIMultiDict(
+        [("Upgrade", "websocket"), ("Connection", "keep-alive"), ("Connection", "Upgrade"),
+         ("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")]
+    )
+    assert validate("GET", headers) == "dGhlIHNhbXBsZSBub25jZQ=="

@@ -1,0 +1,82 @@
+"""The minimal reference node of PERFORMANCE.md: aiohttp + Redis pub/sub, nothing else.
+
+One room, frame bytes encoded once per message, one transport write per member per
+message, one Redis publish per message. No hub, no envelope validation, no buffers.
+It is the yardstick roomcast's node is measured against, not something to deploy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import redis.asyncio as redis
+from aiohttp import WSMsgType, web
+
+CHANNEL = "reference:room"
+
+
+def frame(payload: bytes, opcode: int) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--redis", required=True)
+    args = parser.parse_args()
+    members: set[asyncio.Transport] = set()
+    me = os.urandom(4)
+    client = redis.from_url(args.redis)
+
+    def deliver(data: bytes) -> None:
+        for transport in members:
+            transport.write(data)
+
+    async def listen(app: web.Application) -> AsyncIterator[None]:
+        pubsub = client.pubsub()
+        await pubsub.subscribe(CHANNEL)
+
+        async def loop() -> None:
+            async for msg in pubsub.listen():
+                data = msg.get("data")
+                if msg["type"] == "message" and isinstance(data, bytes) and data[:4] != me:
+                    deliver(data[4:])
+
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        await client.aclose()
+
+    async def bench(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        transport = request.transport
+        assert transport is not None
+        members.add(transport)  # type: ignore[arg-type]
+        try:
+            async for msg in ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    raw = msg.data.encode() if msg.type is WSMsgType.TEXT else msg.data
+                    data = frame(raw, 1 if msg.type is WSMsgType.TEXT else 2)
+                    deliver(data)
+                    await client.publish(CHANNEL, me + data)
+        finally:
+            members.discard(transport)  # type: ignore[arg-type]
+        return ws
+
+    app = web.Application()
+    app.cleanup_ctx.append(listen)
+    app.router.add_get("/bench", bench)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
