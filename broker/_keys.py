@@ -1,0 +1,99 @@
+"""Redis key and channel names for one roomcast prefix: the one module that spells them.
+
+Channels: ``{prefix}:room:{room}``, ``{prefix}:node:{node}`` (sends to that node's
+connections) and ``{prefix}:all``. Presence: the hash ``{prefix}:presence:{room}``
+(connection id -> node id), the set ``{prefix}:node-rooms:{node}`` (rooms a node has
+presence in, for cleanup) and the sorted set ``{prefix}:nodes`` (node -> last heartbeat).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from shared.envelope import Envelope, Kind
+from shared.ids import node_of
+
+_PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Every channel and key name under ``prefix``; prefixes never collide (no ``:``)."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(self.prefix).__name__}")
+        if not _PREFIX_RE.fullmatch(self.prefix):
+            raise ValueError(
+                f"prefix {self.prefix!r} must be 1-64 characters of [A-Za-z0-9_.-]"
+                " (a ':' would let two prefixes share channel names)"
+            )
+
+    @property
+    def all_channel(self) -> str:
+        """The channel every node joins, for broadcasts to everyone."""
+        return f"{self.prefix}:all"
+
+    @property
+    def nodes(self) -> str:
+        """The sorted set of live nodes, scored by their last heartbeat (Redis time)."""
+        return f"{self.prefix}:nodes"
+
+    @property
+    def presence_prefix(self) -> str:
+        """What precedes the room name in a presence hash key (Lua scripts build keys)."""
+        return f"{self.prefix}:presence:"
+
+    @property
+    def node_rooms_prefix(self) -> str:
+        """What precedes the node id in a node's room-set key (Lua scripts build keys)."""
+        return f"{self.prefix}:node-rooms:"
+
+    def room_channel(self, room: str) -> str:
+        """The channel of ``room``'s envelopes."""
+        return f"{self.prefix}:room:{room}"
+
+    def node_channel(self, node: str) -> str:
+        """The channel of envelopes for connections owned by ``node``."""
+        return f"{self.prefix}:node:{node}"
+
+    def presence(self, room: str) -> str:
+        """The hash of ``room``'s members: connection id -> node id."""
+        return self.presence_prefix + room
+
+    def node_rooms(self, node: str) -> str:
+        """The set of rooms ``node`` has presence in, so its entries can be removed."""
+        return self.node_rooms_prefix + node
+
+    def channel_for(self, envelope: Envelope) -> str:
+        """The one channel ``envelope`` is published on, chosen by its kind."""
+        if envelope.kind is Kind.ROOM:
+            return self.room_channel(envelope.target)
+        if envelope.kind is Kind.CONNECTION:
+            return self.node_channel(node_of(envelope.target))
+        return self.all_channel
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, fit for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, hostinfo = netloc.rpartition("@")
+            user = userinfo.partition(":")[0]
+            netloc = f"{user}:***@{hostinfo}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode(
+                [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*/"
+            )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable Redis URL>"
