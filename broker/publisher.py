@@ -1,0 +1,135 @@
+"""Publish to roomcast from any Python process that does not run a node.
+
+A worker, a cron job or another web app can reach rooms, one connection or everyone,
+and read cluster-wide room membership, through the same Redis the nodes use::
+
+    async with Publisher("redis://redis:6379/0") as pub:
+        await pub.publish_to_room("lobby", "hello")
+        print(await pub.room_size("lobby"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from types import TracebackType
+
+from broker._keys import Keys
+from broker._redis_common import (
+    DEFAULT_SOCKET_TIMEOUT,
+    TRANSPORT_ERRORS,
+    Pipeliner,
+    make_client,
+    publish_bytes,
+    read_room_members,
+)
+from shared.envelope import Envelope, Kind, encode
+from shared.errors import BrokerError, PublishError
+from shared.ids import ConnectionId, node_of, validate_room
+
+Data = str | bytes
+"""A message: ``str`` is sent as a text frame, ``bytes`` as a binary frame."""
+
+
+class Publisher:
+    """Sends envelopes to the nodes sharing ``prefix`` on Redis at ``url``; not a node.
+
+    ``presence_ttl`` must match the nodes' so that ``room_members`` leaves out the same
+    dead nodes they do. Publishes are pipelined like a node's; failures raise
+    PublishError and are counted in ``publish_failures``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "roomcast",
+        presence_ttl: float = 5.0,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    ) -> None:
+        if isinstance(presence_ttl, bool) or not isinstance(presence_ttl, int | float):
+            raise TypeError(f"presence_ttl must be a number, got {type(presence_ttl).__name__}")
+        if not presence_ttl > 0:
+            raise ValueError(f"presence_ttl must be > 0, got {presence_ttl}")
+        self._keys = Keys(prefix)
+        self._url = url
+        self._presence_ttl = float(presence_ttl)
+        self._client = make_client(url, socket_timeout)
+        self._pipeliner = Pipeliner(self._client, socket_timeout)
+        self._closed = False
+        self.published = 0
+        self.publish_failures = 0
+
+    async def publish_to_room(
+        self, room: str, data: Data, *, exclude: str | None = None
+    ) -> None:
+        """Send ``data`` to every member of ``room`` on every node, except ``exclude``."""
+        await self._publish(Kind.ROOM, validate_room(room), data, exclude)
+
+    async def send_to_connection(self, connection_id: str, data: Data) -> None:
+        """Send ``data`` to the one connection ``connection_id``, wherever it lives."""
+        node_of(connection_id)  # ValueError now rather than an envelope nobody can route
+        await self._publish(Kind.CONNECTION, connection_id, data, None)
+
+    async def broadcast(self, data: Data, *, exclude: str | None = None) -> None:
+        """Send ``data`` to every connection of every node, except ``exclude``."""
+        await self._publish(Kind.ALL, "", data, exclude)
+
+    async def room_members(self, room: str) -> set[ConnectionId]:
+        """Every connection in ``room`` on a live node; BrokerError if Redis is unreachable."""
+        self._require_open()
+        return await read_room_members(
+            self._client, self._keys, validate_room(room), self._presence_ttl, self._url
+        )
+
+    async def room_size(self, room: str) -> int:
+        """How many connections are in ``room`` across the cluster."""
+        return len(await self.room_members(room))
+
+    async def close(self) -> None:
+        """Finish pending publishes and release the connections; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._pipeliner.drain()
+        with contextlib.suppress(*TRANSPORT_ERRORS):
+            await self._client.aclose()  # can time out if Redis is frozen
+
+    async def __aenter__(self) -> Publisher:
+        self._require_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _publish(self, kind: Kind, target: str, data: Data, exclude: str | None) -> None:
+        self._require_open()
+        if isinstance(data, str):
+            payload, binary = data.encode(), False
+        elif isinstance(data, bytes | bytearray | memoryview):
+            payload, binary = bytes(data), True
+        else:
+            raise TypeError(f"data must be str or bytes, got {type(data).__name__}")
+        if exclude is not None:
+            node_of(exclude)
+        envelope = Envelope(
+            kind, target, payload, binary, origin="", exclude=exclude or "",
+            sent_at=time.time(),
+        )
+        try:
+            await publish_bytes(
+                self._pipeliner, self._url, self._keys.channel_for(envelope), encode(envelope)
+            )
+        except PublishError:
+            self.publish_failures += 1
+            raise
+        self.published += 1
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise BrokerError("this Publisher is closed; create a new one")
