@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from broker.base import Broker, Deliver
 from broker.memory import MemoryBroker, MemoryBus
+from broker.publisher import Publisher
 
-__all__ = ["Broker", "Deliver", "MemoryBroker", "MemoryBus", "create_broker"]
+__all__ = ["Broker", "Deliver", "MemoryBroker", "MemoryBus", "Publisher", "create_broker"]
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 

@@ -3,6 +3,11 @@
 A broker carries envelopes between nodes and keeps cluster-wide room presence. Two
 implementations honour it: ``MemoryBroker`` (one process) and ``RedisBroker``.
 The hub is their only caller and makes calls for one room in order.
+
+Failures: ``publish`` raises PublishError and ``room_members`` raises BrokerError when
+the other nodes cannot be reached; ``subscribe``, ``unsubscribe`` and the presence calls
+never fail for that reason (a broker re-applies them once it is connected again).
+``close`` may be called more than once.
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ class Broker(Protocol):
         ...
 
     async def subscribe(self, room: Room) -> None:
-        """Receive ``room``'s envelopes from now on (its first local member joined)."""
+        """Receive ``room``'s envelopes (its first local member joined).
+
+        Returns once the subscription is live, so a publish made after it is received.
+        """
         ...
 
     async def unsubscribe(self, room: Room) -> None:
