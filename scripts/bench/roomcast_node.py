@@ -14,8 +14,8 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from broker import create_broker  # noqa: E402
-from node import Connection, EventHandler, Hub, HubConfig, Message, get_hub  # noqa: E402
+from broker import create_broker
+from node import Connection, EventHandler, Hub, HubConfig, Message, get_hub
 
 
 async def on_message(conn: Connection, msg: Message) -> None:

@@ -54,6 +54,7 @@ class Cluster:
         self.urls: list[str] = []
         self.opened: dict[Hub, asyncio.Queue[Connection]] = {}
         self.received: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.closed: asyncio.Queue[str] = asyncio.Queue()
 
     async def add_node(self) -> Hub:
         hub = Hub(broker=self.make_broker())
@@ -63,10 +64,15 @@ class Cluster:
         async def on_message(conn: Connection, msg: Message) -> None:
             await self.received.put((conn.id, msg.data))
 
+        async def on_close(conn: Connection, code: int, reason: str) -> None:
+            await self.closed.put(conn.id)  # after the hub withdrew its presence
+
         app = web.Application()
         hub.attach(app)
         app.router.add_get(
-            "/ws", hub.route(EventHandler(on_open=queue.put, on_message=on_message))
+            "/ws", hub.route(
+                EventHandler(on_open=queue.put, on_message=on_message, on_close=on_close)
+            )
         )
         self.urls.append((await self.serve(app)).replace("http", "ws") + "/ws")
         self.hubs.append(hub)
@@ -167,9 +173,7 @@ async def test_room_size_and_members_across_nodes(cluster: Cluster) -> None:
     await cluster.hubs[1].leave_room(b.conn, "r")
     assert await cluster.hubs[0].room_size("r") == 2
     await c.ws.close()
-    async with asyncio.timeout(5):
-        while c.conn.id in await cluster.hubs[0].room_members("r"):
-            await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(cluster.closed.get(), 5) == c.conn.id
     assert await cluster.hubs[0].room_members("r") == {a.conn.id}
 
 
