@@ -1,1 +1,0 @@
-"""The chat page served by the demo node."""
