@@ -94,6 +94,7 @@ class Hub:
         self._started = False
         self._accepting = False
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._finishing: set[asyncio.Future[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -123,6 +124,8 @@ class Hub:
                 fut.cancel()
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=drain_seconds)
+        if self._finishing:
+            await asyncio.wait(self._finishing, timeout=drain_seconds)
         if self._keepalive is not None:
             self._keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -252,9 +255,14 @@ class Hub:
             await self._call(conn, handler.on_open)
             await self._serve(conn, ws)
         finally:
-            await self._finish(conn)
+            # Shielded: leaving rooms and on_close must happen even when aiohttp cancels
+            # the handler because the client went away (handler_cancellation=True).
+            finishing = asyncio.ensure_future(self._finish(conn))
+            self._finishing.add(finishing)
+            finishing.add_done_callback(self._finishing.discard)
             if task is not None:
                 self._handlers.discard(task)
+            await asyncio.shield(finishing)
         return ws
 
     async def _serve(self, conn: Connection, ws: web.WebSocketResponse) -> None:

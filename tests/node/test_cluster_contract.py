@@ -108,9 +108,13 @@ async def cluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator
     try:
         async with aiohttp.ClientSession() as session:
             c = Cluster(make_broker, serve, session)
-            for _ in range(3):
-                await c.add_node()
-            yield c
+            try:
+                for _ in range(3):
+                    await c.add_node()
+                yield c
+            finally:
+                for hub in c.hubs:  # before Redis goes away
+                    await hub.close()
     finally:
         if redis_server is not None:
             redis_server.cleanup()
