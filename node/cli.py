@@ -17,6 +17,7 @@ from aiohttp import web
 
 from broker import create_broker
 from node.demo import create_app
+from shared.errors import BrokerError
 from shared.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -182,8 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv_list = list(sys.argv[1:] if argv is None else argv)
         return Supervisor(argv_list, values["workers"]).run()
     app = create_app(config, broker=broker)
-    web.run_app(app, host=values["host"], port=values["port"], print=_ready_line,
-                reuse_port=values["reuse_port"] or None)
+    try:
+        web.run_app(app, host=values["host"], port=values["port"], print=_ready_line,
+                    reuse_port=values["reuse_port"] or None)
+    except BrokerError as exc:
+        # Fail fast on a broker that cannot be reached at start-up (wrong URL, password,
+        # Redis not up yet): the supervisor or orchestrator restarts us.
+        print(f"roomcast: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

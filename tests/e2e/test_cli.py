@@ -79,3 +79,17 @@ def test_help_documents_every_setting_with_its_variable() -> None:
     for var in ("ROOMCAST_PORT", "ROOMCAST_MAX_CONNECTIONS", "ROOMCAST_ALLOWED_ORIGINS",
                 "ROOMCAST_COMPRESSION", "ROOMCAST_PONG_TIMEOUT_MS", "ROOMCAST_REDIS"):
         assert var in result.stdout
+
+
+def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
+    """A node whose Redis cannot be reached exits 1 naming the URL, password hidden."""
+    from tests.e2e.procs import free_port
+
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "serve", "--port", "0", "--redis", url],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "Redis is unreachable" in result.stderr
+    assert "hunter2" not in result.stderr
