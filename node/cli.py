@@ -16,8 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from broker import create_broker
-from node.demo import create_app
-from shared.errors import BrokerError
+from node.app import NodeOptions, create_app
 from shared.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -26,6 +25,7 @@ from shared.config import (
     DEFAULT_SEND_BUFFER_LIMIT,
     HubConfig,
 )
+from shared.errors import BrokerError
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -42,6 +42,20 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise ValueError("must be 0-65535")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
     return value
 
 
@@ -93,7 +107,15 @@ _SERVE_OPTIONS = [
             "node processes sharing the port (SO_REUSEPORT); above 1 needs --redis"),
     _Option("--reuse-port", "ROOMCAST_REUSE_PORT", _bool, False,
             "share the port with other processes (SO_REUSEPORT)", nargs="?", const="true"),
+    _Option("--drain-seconds", "ROOMCAST_DRAIN_SECONDS", _positive_float, 10.0,
+            "on SIGTERM, how long clients get to receive their 1001 close"),
+    _Option("--api-key", "ROOMCAST_API_KEY", str, None,
+            "bearer key for the HTTP API under /api; unset leaves the API off"),
+    _Option("--metrics", "ROOMCAST_METRICS", _bool, True,
+            "serve Prometheus metrics at /metrics", nargs="?", const="true"),
     _Option("--log-level", "ROOMCAST_LOG_LEVEL", str.upper, "INFO", "logging level"),
+    _Option("--log-format", "ROOMCAST_LOG_FORMAT", _log_format, "text",
+            "text, or json for one JSON object per line"),
 ]
 
 
@@ -102,6 +124,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a node with the chat demo",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--check", action="store_true",
+                       help="validate the settings and exit 0 without serving")
     for opt in _SERVE_OPTIONS:
         kwargs = dict(opt.extra)
         if kwargs.get("action") != "append":
@@ -173,6 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if values["port"] == 0:
             parser.error("--workers: a fixed --port is needed for workers to share it")
+    options = NodeOptions(
+        api_key=values["api_key"], drain_seconds=values["drain_seconds"],
+        metrics=values["metrics"],
+    )
+    if args.check:
+        print("configuration ok", file=sys.stderr)
+        return 0
     logging.basicConfig(
         level=values["log_level"], stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -181,8 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from node.supervisor import Supervisor
 
         argv_list = list(sys.argv[1:] if argv is None else argv)
-        return Supervisor(argv_list, values["workers"]).run()
-    app = create_app(config, broker=broker)
+        # Workers get the drain time plus a margin before they are killed.
+        return Supervisor(argv_list, values["workers"], values["drain_seconds"] + 5).run()
+    app = create_app(config, broker=broker, options=options)
     try:
         web.run_app(app, host=values["host"], port=values["port"], print=_ready_line,
                     reuse_port=values["reuse_port"] or None)

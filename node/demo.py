@@ -16,11 +16,9 @@ from typing import Final
 
 from aiohttp import web
 
-from broker import Broker
 from node.connection import Connection
 from node.events import EventHandler, Message
-from node.hub import Hub, get_hub
-from shared.config import HubConfig
+from node.hub import get_hub
 from shared.errors import BrokerError, PublishError
 from shared.ids import validate_room
 
@@ -97,11 +95,8 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
-def create_app(config: HubConfig | None = None, *, broker: Broker | None = None) -> web.Application:
-    """An aiohttp Application with a hub and the demo routes."""
-    app = web.Application()
-    Hub(config, broker=broker).attach(app)
+def add_demo_routes(app: web.Application) -> None:
+    """The chat page, the chat socket and the echo socket."""
     app.router.add_get("/", index)
     app.router.add_get("/chat", chat)
     app.router.add_get("/echo", echo)
-    return app

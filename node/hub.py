@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -52,12 +52,19 @@ Data = str | bytes | bytearray | memoryview
 class HubStats:
     """Counters of one hub; the node exports them as metrics."""
 
+    connections_opened: int = 0
+    connections_closed: int = 0
     broadcasts: int = 0
     envelopes_received: int = 0
     messages_in: int = 0
+    bytes_in: int = 0
     messages_out: int = 0
+    """Deliveries: one per recipient of every message."""
+    bytes_out: int = 0
     refused_full: int = 0
     refused_origin: int = 0
+    refused_handshake: int = 0
+    refused_draining: int = 0
     slow_consumers: int = 0
     pong_timeouts: int = 0
 
@@ -95,6 +102,8 @@ class Hub:
         self._accepting = False
         self._handlers: set[asyncio.Task[Any]] = set()
         self._finishing: set[asyncio.Future[None]] = set()
+        self.on_envelope_latency: Callable[[float], None] | None = None
+        """Called with publish-to-delivery seconds of each envelope from another node."""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -136,21 +145,26 @@ class Hub:
             self._started = False
         log.info("node %s stopped", self.node_id)
 
-    def attach(self, app: web.Application) -> web.Application:
+    @property
+    def accepting(self) -> bool:
+        """True while the hub takes new connections (started and not draining)."""
+        return self._accepting
+
+    def attach(self, app: web.Application, *, drain_seconds: float = 10.0) -> web.Application:
         """Enable WebSockets on ``app`` (the seed's ``enableWebSocket``).
 
-        Stores the hub as ``app[HUB]``, starts it with the app and closes every client
-        with 1001 when the app shuts down.
+        Stores the hub as ``app[HUB]``, starts it with the app, and when the app shuts
+        down closes every client with 1001, waiting at most ``drain_seconds``.
         """
         app[HUB] = self
 
         async def lifespan(_: web.Application) -> AsyncIterator[None]:
             await self.start()
             yield
-            await self.close()
+            await self.close(drain_seconds=drain_seconds)
 
         async def on_shutdown(_: web.Application) -> None:
-            await self.close()
+            await self.close(drain_seconds=drain_seconds)
 
         app.cleanup_ctx.append(lifespan)
         app.on_shutdown.append(on_shutdown)
@@ -204,15 +218,17 @@ class Hub:
         try:
             validate_upgrade_request(request.method, request.headers)
         except HandshakeError as exc:
+            self.stats.refused_handshake += 1
             headers = {"Sec-WebSocket-Version": "13"} if exc.status == 426 else None
             return web.Response(status=exc.status, text=f"{exc}\n", headers=headers)
         room_names = [validate_room(r) for r in rooms]
         origin = request.headers.get("Origin")
         if not origin_allowed(origin, request.host, self.config.allowed_origins):
             self.stats.refused_origin += 1
-            log.info("refused origin %r", origin)
+            log.info("refused origin %r from %s", origin, request.remote)
             return web.Response(status=403, text=f"origin {origin} is not allowed\n")
         if not self._accepting:
+            self.stats.refused_draining += 1
             return web.Response(status=503, text="node is not accepting connections\n")
         if len(self._connections) >= self.config.max_connections:
             self.stats.refused_full += 1
@@ -252,6 +268,9 @@ class Hub:
                     conn.set_metadata(key, value)
             for room in room_names:
                 await self.join_room(conn, room)
+            self.stats.connections_opened += 1
+            log.debug("opened %s from %s", conn.id, request.remote,
+                      extra={"conn_id": conn.id})
             await self._call(conn, handler.on_open)
             await self._serve(conn, ws)
         finally:
@@ -273,6 +292,7 @@ class Hub:
             kind = msg.type
             if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                 stats.messages_in += 1
+                stats.bytes_in += _size(msg.data)
                 if conn.wbits and _size(msg.data) > self.config.max_message_size:
                     # aiohttp's inflate limit is one byte looser than ours.
                     await conn.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
@@ -314,9 +334,13 @@ class Hub:
                     if not self._rooms.size(room):
                         await self.broker.unsubscribe(room)
             except Exception:
-                log.exception("broker failed while %s left its rooms", conn.id)
+                log.exception("broker failed while %s left its rooms", conn.id,
+                              extra={"conn_id": conn.id})
         if was_open:
+            self.stats.connections_closed += 1
             code = conn._close_code if conn._close_code is not None else CloseCode.ABNORMAL
+            log.debug("closed %s with %s %s", conn.id, code, conn._close_reason,
+                      extra={"conn_id": conn.id})
             await self._call(conn, conn.handler.on_close, code, conn._close_reason)
 
     async def _call(self, conn: Connection, callback: Any, *args: Any) -> None:
@@ -331,7 +355,7 @@ class Hub:
             raise
         except Exception as exc:
             log.exception("callback %s failed on %s", getattr(callback, "__name__", callback),
-                          conn.id)
+                          conn.id, extra={"conn_id": conn.id})
             on_error = conn.handler.on_error
             if on_error is not None and callback is not on_error:
                 await self._call(conn, on_error, exc)
@@ -436,6 +460,7 @@ class Hub:
                 return False
             conn.send_prepared(prepared)
             self.stats.messages_out += 1
+            self.stats.bytes_out += len(prepared.payload)
             return True
         await self.broker.publish(
             Envelope(Kind.CONNECTION, conn_id, prepared.payload, prepared.binary,
@@ -460,13 +485,17 @@ class Hub:
                 if conn.state is open_state and conn.id != exclude:
                     conn.enqueue(frame)
                     count += 1
-        self.stats.messages_out += count
+        stats = self.stats
+        stats.messages_out += count
+        stats.bytes_out += count * len(prepared.payload)
 
     def _on_envelope(self, env: Envelope) -> None:
         """Deliver an envelope from another node to the local connections it names."""
         if env.origin == self.node_id:
             return
         self.stats.envelopes_received += 1
+        if self.on_envelope_latency is not None and env.sent_at:
+            self.on_envelope_latency(max(0.0, time.time() - env.sent_at))
         prepared = PreparedMessage(env.payload, binary=env.binary)
         exclude = env.exclude or None
         if env.kind is Kind.ROOM:
@@ -509,7 +538,8 @@ class Hub:
                     now, interval, timeout, _PING_FRAME
                 ):
                     self.stats.pong_timeouts += 1
-                    log.info("closing %s: no pong within %.1fs", conn.id, timeout)
+                    log.info("closing %s: no pong within %.1fs", conn.id, timeout,
+                             extra={"conn_id": conn.id})
                     conn.abort(CloseCode.INTERNAL_ERROR, PONG_TIMEOUT_REASON)
 
 

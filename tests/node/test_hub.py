@@ -13,7 +13,7 @@ import websockets
 from aiohttp import web
 
 from node import CloseCode, Connection, ConnectionState, EventHandler, Hub, HubConfig, Message
-from node.demo import create_app
+from node.app import create_app
 from node.hub import get_hub
 from shared.errors import ConnectionClosedError
 

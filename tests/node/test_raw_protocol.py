@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from node.demo import create_app
+from node.app import create_app
 from shared.frames import build_frame, parse_close_payload
 from shared.protocol import Opcode
 from tests.rawws import RawClient
