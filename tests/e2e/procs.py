@@ -11,15 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.redis_server import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = ["REPO", "NodeProcess", "free_port", "wait_for_port"]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
