@@ -1,0 +1,281 @@
+"""GET /metrics on one node: every counter moves with what it counts; the output parses."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+import websockets
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker import MemoryBroker, MemoryBus
+from node import Connection, ConnectionState, EventHandler, Hub, HubConfig, Message
+from node.app import create_app
+from node.hub import HUB
+from node.metrics import LATENCY_BUCKETS, setup_metrics
+from shared.envelope import Kind
+from shared.protocol import CloseCode
+
+Serve = Callable[[web.Application], Awaitable[str]]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+COUNTERS = [
+    "roomcast_connections_opened",
+    "roomcast_connections_refused",
+    "roomcast_messages_received",
+    "roomcast_received_bytes",
+    "roomcast_messages_delivered",
+    "roomcast_delivered_bytes",
+    "roomcast_broadcasts",
+    "roomcast_envelopes_published",
+    "roomcast_envelopes_received",
+    "roomcast_envelopes_dropped",
+    "roomcast_broker_publish_failures",
+    "roomcast_broker_reconnects",
+    "roomcast_slow_consumer_disconnects",
+    "roomcast_pong_timeouts",
+]
+GAUGES = ["roomcast_connections", "roomcast_rooms", "roomcast_broker_connected"]
+
+
+def ws_url(base: str, path: str) -> str:
+    return base.replace("http://", "ws://") + path
+
+
+async def scrape(base: str) -> Samples:
+    """Every sample of /metrics, parsed by prometheus_client's own parser."""
+    async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+async def until_metric(base: str, name: str, expected: float, timeout: float = 5.0,
+                       **labels: str) -> Samples:
+    """Scrape until ``name`` equals ``expected``; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await scrape(base)
+        if value(samples, name, **labels) == expected:
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}{labels} is {value(samples, name, **labels)}, "
+                                 f"not {expected}, after {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+class Events:
+    """A handler whose opened connections and received messages a test can await."""
+
+    def __init__(self) -> None:
+        self.opened: asyncio.Queue[Connection] = asyncio.Queue()
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+        self.closed: asyncio.Queue[int] = asyncio.Queue()
+
+    def handler(self) -> EventHandler:
+        async def on_open(conn: Connection) -> None:
+            await self.opened.put(conn)
+
+        async def on_message(conn: Connection, msg: Message) -> None:
+            await self.messages.put(msg)
+
+        def on_close(conn: Connection, code: int, reason: str) -> None:
+            self.closed.put_nowait(code)
+
+        return EventHandler(on_open=on_open, on_message=on_message, on_close=on_close)
+
+
+def metered_app(hub: Hub, events: Events, rooms: tuple[str, ...] = ("r",)) -> web.Application:
+    app = web.Application()
+    hub.attach(app)
+    setup_metrics(app, hub)
+    app.router.add_get("/ws", hub.route(events.handler(), rooms=rooms))
+    return app
+
+
+async def test_output_parses_with_every_family_and_type(serve: Serve) -> None:
+    """A fresh node serves every roomcast family with the right type, all at zero."""
+    base = await serve(create_app())
+    async with aiohttp.ClientSession() as session, session.get(base + "/metrics") as resp:
+        text = await resp.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in COUNTERS:
+        assert families[name].type == "counter", name
+        assert all(s.value == 0 for s in families[name].samples
+                   if s.name.endswith("_total")), name
+    for name in GAUGES:
+        assert families[name].type == "gauge", name
+    latency = families["roomcast_delivery_latency_seconds"]
+    assert latency.type == "histogram"
+    bounds = [float(s.labels["le"]) for s in latency.samples if s.name.endswith("_bucket")]
+    assert bounds == [*LATENCY_BUCKETS, float("inf")]
+    reasons = {s.labels["reason"] for s in families["roomcast_connections_refused"].samples}
+    assert reasons == {"full", "origin", "handshake", "draining"}
+
+
+async def test_connections_messages_bytes_and_broadcasts(serve: Serve) -> None:
+    """Opened connections, rooms, messages and bytes in and out, broadcasts are counted."""
+    hub, events = Hub(), Events()
+    base = await serve(metered_app(hub, events))
+    async with websockets.connect(ws_url(base, "/ws")) as a, \
+            websockets.connect(ws_url(base, "/ws")) as b:
+        await events.opened.get()
+        await events.opened.get()
+        await a.send("hello")
+        await b.send(b"\x00\x01\x02")
+        await events.messages.get()
+        await events.messages.get()
+        await hub.broadcast_to_room("r", "hey")
+        assert await a.recv() == "hey"
+        assert await b.recv() == "hey"
+
+        first = await scrape(base)
+        assert value(first, "roomcast_connections") == 2
+        assert value(first, "roomcast_rooms") == 1
+        assert value(first, "roomcast_connections_opened_total") == 2
+        assert value(first, "roomcast_messages_received_total") == 2
+        assert value(first, "roomcast_received_bytes_total") == 5 + 3
+        assert value(first, "roomcast_broadcasts_total") == 1
+        assert value(first, "roomcast_messages_delivered_total") == 2
+        assert value(first, "roomcast_delivered_bytes_total") == 2 * 3
+        # A second scrape pushes no change twice.
+        second = await scrape(base)
+        assert {k: v for k, v in second.items() if k[0].startswith("roomcast_")} == {
+            k: v for k, v in first.items() if k[0].startswith("roomcast_")
+        }
+    await events.closed.get()
+    await events.closed.get()
+    after = await scrape(base)
+    assert value(after, "roomcast_connections") == 0
+    assert value(after, "roomcast_rooms") == 0
+    assert value(after, "roomcast_connections_opened_total") == 2
+
+
+async def test_refusals_counted_by_reason(serve: Serve) -> None:
+    """503 full, 403 origin, 400 handshake and 503 draining each count under their reason."""
+    hub, events = Hub(HubConfig(max_connections=1)), Events()
+    base = await serve(metered_app(hub, events))
+    async with aiohttp.ClientSession() as session:
+        kept = await session.ws_connect(ws_url(base, "/ws"))
+        await events.opened.get()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as full:
+            await session.ws_connect(ws_url(base, "/ws"))
+        assert full.value.status == 503
+        with pytest.raises(aiohttp.WSServerHandshakeError) as origin:
+            await session.ws_connect(ws_url(base, "/ws"),
+                                     headers={"Origin": "http://evil.example"})
+        assert origin.value.status == 403
+        async with session.get(base + "/ws") as plain:
+            assert plain.status == 400
+        await hub.close()
+        await kept.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as draining:
+            await session.ws_connect(ws_url(base, "/ws"))
+        assert draining.value.status == 503
+    samples = await scrape(base)
+    for reason in ("full", "origin", "handshake", "draining"):
+        assert value(samples, "roomcast_connections_refused_total", reason=reason) == 1, reason
+    assert value(samples, "roomcast_connections_opened_total") == 1
+
+
+async def test_slow_consumer_disconnect_is_counted(serve: Serve) -> None:
+    """A member cut off for not reading shows in roomcast_slow_consumer_disconnects_total."""
+    hub, events = Hub(HubConfig(send_buffer_limit=64 * 1024)), Events()
+    base = await serve(metered_app(hub, events))
+    async with aiohttp.ClientSession() as session:
+        fast = await session.ws_connect(ws_url(base, "/ws"))
+        await events.opened.get()
+        host, port = base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_connect(sock, (host, int(port)))
+            await loop.sock_sendall(
+                sock,
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n",
+            )
+            slow = await asyncio.wait_for(events.opened.get(), 5)
+            chunk = "y" * 16000
+            for _ in range(2000):
+                await hub.broadcast_to_room("r", chunk)
+                assert (await fast.receive(timeout=5)).data == chunk
+                if slow.state is not ConnectionState.OPEN:
+                    break
+            assert slow.close_code == CloseCode.POLICY_VIOLATION
+        finally:
+            sock.close()
+            await fast.close()
+    samples = await scrape(base)
+    assert value(samples, "roomcast_slow_consumer_disconnects_total") == 1
+    assert value(samples, "roomcast_pong_timeouts_total") == 0
+
+
+async def test_pong_timeout_is_counted(serve: Serve) -> None:
+    """A client that never answers the keepalive ping shows in roomcast_pong_timeouts_total."""
+    hub, events = Hub(HubConfig(ping_interval_ms=50, pong_timeout_ms=100)), Events()
+    base = await serve(metered_app(hub, events))
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(ws_url(base, "/ws"), autoping=False)
+        assert (await ws.receive(timeout=5)).type is aiohttp.WSMsgType.PING
+        closing = await ws.receive(timeout=5)
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert closing.data == CloseCode.INTERNAL_ERROR
+        await ws.close()
+    samples = await scrape(base)
+    assert value(samples, "roomcast_pong_timeouts_total") == 1
+    assert value(samples, "roomcast_slow_consumer_disconnects_total") == 0
+
+
+async def test_latency_histogram_and_envelopes_across_two_hubs(serve: Serve) -> None:
+    """An envelope from another node is observed once (not per recipient) and counted."""
+    bus = MemoryBus()
+    app_a = create_app(broker=MemoryBroker(bus))
+    events = Events()
+    hub_b = Hub(broker=MemoryBroker(bus))
+    base_a = await serve(app_a)
+    base_b = await serve(metered_app(hub_b, events))
+    async with websockets.connect(ws_url(base_b, "/ws")) as m1, \
+            websockets.connect(ws_url(base_b, "/ws")) as m2:
+        await events.opened.get()
+        await events.opened.get()
+        await app_a[HUB].broadcast_to_room("r", "across")
+        assert await m1.recv() == "across"
+        assert await m2.recv() == "across"
+
+        b = await scrape(base_b)
+        assert value(b, "roomcast_delivery_latency_seconds_count") == 1
+        assert value(b, "roomcast_delivery_latency_seconds_bucket", le="+Inf") == 1
+        assert value(b, "roomcast_delivery_latency_seconds_bucket", le="1.0") == 1
+        assert 0 <= value(b, "roomcast_delivery_latency_seconds_sum") < 1
+        assert value(b, "roomcast_envelopes_received_total") == 1
+        assert value(b, "roomcast_messages_delivered_total") == 2
+        assert value(b, "roomcast_broadcasts_total") == 0
+
+        a = await scrape(base_a)
+        assert value(a, "roomcast_broadcasts_total") == 1
+        assert value(a, "roomcast_envelopes_received_total") == 0
+        assert value(a, "roomcast_delivery_latency_seconds_count") == 0
+
+        # Garbage on the bus, as a rogue Redis client could publish, is dropped and counted.
+        bus.send_raw(Kind.ALL, "", b"not an envelope")
+        b = await until_metric(base_b, "roomcast_envelopes_dropped_total", 1)
+        assert value(b, "roomcast_envelopes_received_total") == 1
+        assert value(b, "roomcast_delivery_latency_seconds_count") == 1
