@@ -17,6 +17,8 @@ from aiohttp import web
 
 from broker import create_broker
 from node.app import NodeOptions, create_app
+from node.hub import HUB
+from node.logs import configure_logging, set_node_id
 from shared.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -204,10 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print("configuration ok", file=sys.stderr)
         return 0
-    logging.basicConfig(
-        level=values["log_level"], stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(values["log_level"], values["log_format"])
     if values["workers"] > 1:
         from node.supervisor import Supervisor
 
@@ -215,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Workers get the drain time plus a margin before they are killed.
         return Supervisor(argv_list, values["workers"], values["drain_seconds"] + 5).run()
     app = create_app(config, broker=broker, options=options)
+    set_node_id(app[HUB].node_id)  # the Hub made the id: from now on every log line has it
     try:
         web.run_app(app, host=values["host"], port=values["port"], print=_ready_line,
                     reuse_port=values["reuse_port"] or None)
