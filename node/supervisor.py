@@ -5,18 +5,28 @@ so every worker is a full node with its own node id; the kernel spreads new conn
 across them. A worker that exits unexpectedly is replaced (with a short backoff if it
 keeps crashing). SIGTERM or SIGINT is passed on to every worker, which drains its
 clients (close 1001) and exits; the supervisor exits 0 once all have.
+
+Metrics: the supervisor creates a private directory and passes it to every worker as
+``PROMETHEUS_MULTIPROC_DIR``, so ``/metrics`` on any worker reports the totals of all
+(see ``node.metrics``). An exited worker is marked dead there (its gauges stop
+counting, its counters stay in the totals); the directory is removed on exit.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from types import FrameType
 from typing import Final
+
+from node.metrics import MULTIPROC_ENV, mark_worker_dead
 
 log = logging.getLogger("roomcast.supervisor")
 
@@ -37,9 +47,11 @@ class Supervisor:
         self._started_at: dict[int, float] = {}
         self._crashes: dict[int, int] = {}
         self._stopping = False
+        self._metrics_dir = ""
 
     def _spawn(self, slot: int) -> None:
-        proc = subprocess.Popen(self._worker_argv)
+        env = {**os.environ, MULTIPROC_ENV: self._metrics_dir}
+        proc = subprocess.Popen(self._worker_argv, env=env)
         self._workers[slot] = proc
         self._started_at[slot] = time.monotonic()
         log.info("worker %d started (pid %d)", slot, proc.pid)
@@ -53,6 +65,14 @@ class Supervisor:
         """Run until SIGTERM/SIGINT; returns the exit status."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self._metrics_dir = tempfile.mkdtemp(prefix="roomcast-metrics-")
+        log.info("workers share metrics through %s", self._metrics_dir)
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         for slot in range(self._count):
             self._spawn(slot)
         restart_at: dict[int, float] = {}
@@ -68,6 +88,7 @@ class Supervisor:
                 code = proc.poll()
                 if code is None:
                     continue
+                mark_worker_dead(proc.pid, self._metrics_dir)
                 quick = now - self._started_at[slot] < _CRASH_WINDOW
                 self._crashes[slot] = self._crashes.get(slot, 0) + 1 if quick else 0
                 delay = min(_MAX_BACKOFF, 0.1 * 2 ** self._crashes[slot]) if quick else 0.0
@@ -88,5 +109,7 @@ class Supervisor:
                 log.error("worker pid %d did not drain in time; killing it", proc.pid)
                 proc.kill()
                 proc.wait()
+        for proc in alive:
+            mark_worker_dead(proc.pid, self._metrics_dir)
         log.info("all workers stopped")
         return 0
