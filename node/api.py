@@ -1,11 +1,243 @@
-"""The HTTP API for backends under /api (to be filled in)."""
+"""The HTTP API for backends under /api: send to rooms, connections and everyone.
+
+Registered only when an API key is set; every request needs ``Authorization: Bearer
+<key>``. The request body is the message: ``text/*`` (UTF-8) or no Content-Type sends
+text, ``application/octet-stream`` sends binary. Every reply is JSON.
+
+    POST /api/rooms/{room}/messages[?exclude=ID]   broadcast_to_room     202
+    POST /api/connections/{id}/messages            send_to               202, 404
+    POST /api/broadcast[?exclude=ID]               broadcast             202
+    GET  /api/rooms/{room}                         room_members          200
+
+Refusals: 400 bad room, id or body; 401 no or wrong key; 413 body over
+``max_message_size``; 415 other media types or content codings; 503 the broker failed.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+import hmac
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
 
-from node.hub import Hub
+from aiohttp import hdrs, web
+from aiohttp.web_urldispatcher import _default_expect_handler
+
+from node.hub import Data, Hub
+from shared.errors import BrokerError
+from shared.ids import Room, node_of, validate_room
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_UTF8: Final = frozenset({"utf-8", "utf8"})
+_BINARY_TYPE: Final = "application/octet-stream"
+_CHALLENGE: Final = 'Bearer realm="roomcast"'
+
+
+class _Refusal(Exception):
+    """A request the API answers with an error status and a JSON reason."""
+
+    def __init__(
+        self, status: int, reason: str, *, headers: Mapping[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = dict(headers or {})
+        self.close = close
+
+    def response(self) -> web.Response:
+        """The JSON error reply; ``close`` ends the connection instead of reading on."""
+        resp = web.json_response({"error": self.reason}, status=self.status,
+                                 headers=self.headers)
+        if self.close:
+            resp.force_close()
+        return resp
 
 
 def setup_api(app: web.Application, hub: Hub, api_key: str | None) -> None:
-    """Add the /api routes when ``api_key`` is set."""
+    """Add the /api routes when ``api_key`` is set; None leaves them out (404)."""
+    if api_key is None:
+        return
+    if not api_key:
+        raise ValueError("the API key must be a non-empty string; None turns the API off")
+    api = _Api(hub, api_key.encode())
+    router = app.router
+    router.add_post("/api/rooms/{room}/messages", api.endpoint(api.post_room),
+                    expect_handler=api.expect)
+    router.add_post("/api/connections/{conn_id}/messages", api.endpoint(api.post_connection),
+                    expect_handler=api.expect)
+    router.add_post("/api/broadcast", api.endpoint(api.post_broadcast),
+                    expect_handler=api.expect)
+    router.add_get("/api/rooms/{room}", api.endpoint(api.get_room))
+
+
+class _Api:
+    """The handlers, bound to one hub and one key."""
+
+    def __init__(self, hub: Hub, key: bytes) -> None:
+        self._hub = hub
+        self._key = key
+
+    def endpoint(self, handler: _Handler) -> _Handler:
+        """``handler`` behind the key check, with refusals turned into JSON replies."""
+
+        async def checked(request: web.Request) -> web.StreamResponse:
+            try:
+                self._authorize(request)
+                return await handler(request)
+            except _Refusal as refusal:
+                return refusal.response()
+
+        return checked
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer ``Expect: 100-continue`` with 401 or 413 before the client sends a body."""
+        try:
+            self._authorize(request)
+            self._check_declared_length(request)
+        except _Refusal as refusal:
+            refusal.close = True  # the body will not come; do not wait for it
+            return refusal.response()
+        await _default_expect_handler(request)
+        return None
+
+    async def post_room(self, request: web.Request) -> web.StreamResponse:
+        """Broadcast the body to a room on every node."""
+        room = _room(request)
+        exclude = _exclude(request)
+        data = await self._read_message(request)
+        try:
+            await self._hub.broadcast_to_room(room, data, exclude=exclude)
+        except BrokerError as exc:
+            raise _not_published(exc) from exc
+        return _accepted()
+
+    async def post_connection(self, request: web.Request) -> web.StreamResponse:
+        """Send the body to one connection, on whichever node holds it."""
+        conn_id = request.match_info["conn_id"]
+        try:
+            node_of(conn_id)
+        except ValueError as exc:
+            raise _Refusal(400, f"connection id: {exc}") from None
+        data = await self._read_message(request)
+        try:
+            sent = await self._hub.send_to(conn_id, data)
+        except BrokerError as exc:
+            raise _Refusal(
+                503, f"not delivered: the node holding {conn_id} could not be reached ({exc})"
+            ) from exc
+        if not sent:
+            raise _Refusal(404, f"no open connection {conn_id} on this node")
+        return _accepted()
+
+    async def post_broadcast(self, request: web.Request) -> web.StreamResponse:
+        """Send the body to every connection on every node."""
+        exclude = _exclude(request)
+        data = await self._read_message(request)
+        try:
+            await self._hub.broadcast(data, exclude=exclude)
+        except BrokerError as exc:
+            raise _not_published(exc) from exc
+        return _accepted()
+
+    async def get_room(self, request: web.Request) -> web.StreamResponse:
+        """The room's members across the cluster."""
+        room = _room(request)
+        try:
+            members = await self._hub.room_members(room)
+        except BrokerError as exc:
+            raise _Refusal(503, f"cluster membership is unavailable: {exc}") from exc
+        return web.json_response({"room": room, "size": len(members),
+                                  "members": sorted(members)})
+
+    def _authorize(self, request: web.Request) -> None:
+        """Refuse with 401 unless the request carries the bearer key."""
+        scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        if scheme.lower() != "bearer":
+            raise _Refusal(401, "missing API key: send Authorization: Bearer <key>",
+                           headers={hdrs.WWW_AUTHENTICATE: _CHALLENGE})
+        # aiohttp decodes headers as UTF-8 with surrogateescape; this restores the bytes.
+        given = token.strip().encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self._key):
+            raise _Refusal(401, "wrong API key",
+                           headers={hdrs.WWW_AUTHENTICATE: f'{_CHALLENGE}, error="invalid_token"'})
+
+    def _check_declared_length(self, request: web.Request) -> None:
+        """Refuse with 413 a Content-Length over the hub's message limit."""
+        limit = self._hub.config.max_message_size
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _Refusal(413, f"message is {length} bytes; the limit is {limit}", close=True)
+
+    async def _read_message(self, request: web.Request) -> Data:
+        """The body as a text or binary message, never reading past the size limit."""
+        binary = _is_binary(request)
+        self._check_declared_length(request)
+        limit = self._hub.config.max_message_size
+        body = bytearray()
+        while chunk := await request.content.read(limit + 1 - len(body)):
+            body += chunk
+            if len(body) > limit:
+                raise _Refusal(413, f"message is over the limit of {limit} bytes", close=True)
+        if binary:
+            return bytes(body)
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Refusal(400, f"text body is not valid UTF-8: {exc}") from None
+
+
+def _is_binary(request: web.Request) -> bool:
+    """False for a text body, True for binary; 415 for anything else."""
+    coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if coding != "identity":
+        raise _Refusal(415, f"Content-Encoding {coding} is not supported; send the body as is")
+    if not request.headers.get(hdrs.CONTENT_TYPE, "").strip():
+        return False
+    media_type = request.content_type.lower()
+    if media_type == _BINARY_TYPE:
+        return True
+    if media_type.startswith("text/"):
+        charset = request.charset
+        if charset is not None and charset.lower() not in _UTF8:
+            raise _Refusal(415, f"text must be UTF-8, not {charset}")
+        return False
+    raise _Refusal(
+        415, f"Content-Type {media_type} is not supported; send text/* (UTF-8) for a "
+        f"text message or {_BINARY_TYPE} for a binary one",
+    )
+
+
+def _room(request: web.Request) -> Room:
+    """The room named in the path; 400 if it is not a valid room name."""
+    try:
+        return validate_room(request.match_info["room"])
+    except ValueError as exc:
+        raise _Refusal(400, f"room: {exc}") from None
+
+
+def _exclude(request: web.Request) -> str | None:
+    """The connection id given as ``?exclude=``, if any; 400 if malformed."""
+    values = request.query.getall("exclude", [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _Refusal(400, "exclude: give at most one connection id")
+    try:
+        node_of(values[0])
+    except ValueError as exc:
+        raise _Refusal(400, f"exclude: {exc}") from None
+    return values[0]
+
+
+def _not_published(exc: BrokerError) -> _Refusal:
+    """503 for a broadcast whose local members were served but other nodes were not."""
+    return _Refusal(
+        503, f"delivered to members on this node only; other nodes were not reached ({exc})"
+    )
+
+
+def _accepted() -> web.Response:
+    """202: the hub took the message (delivery across nodes is at most once)."""
+    return web.json_response({"status": "accepted"}, status=202)
