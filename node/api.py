@@ -1,8 +1,8 @@
 """The HTTP API for backends under /api: send to rooms, connections and everyone.
 
 Registered only when an API key is set; every request needs ``Authorization: Bearer
-<key>``. The request body is the message: ``text/*`` (UTF-8) or no Content-Type sends
-text, ``application/octet-stream`` sends binary. Every reply is JSON.
+<key>``. The request body is the message: ``text/*`` or ``application/json`` (UTF-8), or no
+Content-Type, sends text, ``application/octet-stream`` sends binary. Every reply is JSON.
 
     POST /api/rooms/{room}/messages[?exclude=ID]   broadcast_to_room     202
     POST /api/connections/{id}/messages            send_to               202, 404
@@ -198,14 +198,14 @@ def _is_binary(request: web.Request) -> bool:
     media_type = request.content_type.lower()
     if media_type == _BINARY_TYPE:
         return True
-    if media_type.startswith("text/"):
+    if media_type.startswith("text/") or media_type == "application/json":
         charset = request.charset
         if charset is not None and charset.lower() not in _UTF8:
             raise _Refusal(415, f"text must be UTF-8, not {charset}")
         return False
     raise _Refusal(
-        415, f"Content-Type {media_type} is not supported; send text/* (UTF-8) for a "
-        f"text message or {_BINARY_TYPE} for a binary one",
+        415, f"Content-Type {media_type} is not supported; send text/* or "
+        f"application/json (UTF-8) for a text message or {_BINARY_TYPE} for a binary one",
     )
 
 

@@ -54,6 +54,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _api_key(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty; leave it unset to turn the API off")
+    return value
+
+
 def _log_format(text: str) -> str:
     value = text.strip().lower()
     if value not in ("text", "json"):
@@ -111,7 +117,7 @@ _SERVE_OPTIONS = [
             "share the port with other processes (SO_REUSEPORT)", nargs="?", const="true"),
     _Option("--drain-seconds", "ROOMCAST_DRAIN_SECONDS", _positive_float, 10.0,
             "on SIGTERM, how long clients get to receive their 1001 close"),
-    _Option("--api-key", "ROOMCAST_API_KEY", str, None,
+    _Option("--api-key", "ROOMCAST_API_KEY", _api_key, None,
             "bearer key for the HTTP API under /api; unset leaves the API off"),
     _Option("--metrics", "ROOMCAST_METRICS", _bool, True,
             "serve Prometheus metrics at /metrics", nargs="?", const="true"),

@@ -93,3 +93,13 @@ def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
     assert result.returncode == 1
     assert "Redis is unreachable" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+def test_empty_api_key_is_refused() -> None:
+    """An empty API key is a configuration error, not an API without a key."""
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "serve", "--check"], cwd=REPO,
+        env={**os.environ, "ROOMCAST_API_KEY": ""}, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "ROOMCAST_API_KEY" in result.stderr

@@ -361,23 +361,33 @@ async def test_text_that_is_not_utf8_gets_400(node: Node, http: aiohttp.ClientSe
 @pytest.mark.parametrize(
     ("headers", "named"),
     [
-        ({"Content-Type": "application/json"}, "application/json"),
+        ({"Content-Type": "application/xml"}, "application/xml"),
         ({"Content-Type": "multipart/form-data; boundary=x"}, "multipart/form-data"),
         ({"Content-Type": "text/plain; charset=latin-1"}, "latin-1"),
         ({"Content-Type": "text/plain", "Content-Encoding": "gzip"}, "gzip"),
     ],
-    ids=["json", "multipart", "latin-1", "gzip"],
+    ids=["xml", "multipart", "latin-1", "gzip"],
 )
 async def test_unsupported_bodies_get_415(
     node: Node, http: aiohttp.ClientSession, headers: dict[str, str], named: str
 ) -> None:
-    """Media types other than text/* and octet-stream, other charsets and codings get 415."""
+    """Types other than text/*, JSON and octet-stream, other charsets and codings get 415."""
     member = await node.member("r")
     async with http.post(node.api("/api/rooms/r/messages"), headers={**AUTH, **headers},
                          data=gzip.compress(b"{}")) as resp:
         assert resp.status == 415
         assert named in (await resp.json())["error"]
     await member.nothing_more()
+
+
+async def test_json_body_is_sent_as_text(node: Node, http: aiohttp.ClientSession) -> None:
+    """application/json bodies reach members as text messages, unchanged."""
+    member = await node.member("r")
+    async with http.post(node.api("/api/rooms/r/messages"),
+                         headers={**AUTH, "Content-Type": "application/json"},
+                         data=b'{"event": "deploy"}') as resp:
+        assert resp.status == 202
+    assert await member.recv() == '{"event": "deploy"}'
 
 
 @pytest.mark.parametrize("route", ["room", "connection", "broadcast"])
