@@ -240,7 +240,9 @@ def setup_metrics(app: web.Application, hub: Hub) -> NodeMetrics:
         """Prometheus text (or OpenMetrics, if asked for) of this node or of all workers."""
         accept = ",".join(request.headers.getall(hdrs.ACCEPT, []))
         body, content_type = await metrics.render(accept)
-        return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
+        # Which node answered: behind one port, any worker may take a scrape.
+        return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type,
+                                                "X-Roomcast-Node": hub.node_id})
 
     app.router.add_get("/metrics", metrics_handler)
 

@@ -1,0 +1,205 @@
+"""Running roomcast like production: health, readiness, graceful stop, metrics of workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import websockets
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection
+from websockets.protocol import State
+
+from broker.publisher import Publisher
+from tests.e2e.procs import NodeProcess
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def status(url: str) -> int:
+    """The HTTP status of a GET on a fresh connection."""
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status
+
+
+async def scrape(url: str) -> tuple[str, dict[str, float]]:
+    """One scrape on a new TCP connection: the node that answered, and unlabelled samples."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session, \
+            session.get(url + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+        node = resp.headers["X-Roomcast-Node"]
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.labels
+    }
+    return node, samples
+
+
+async def test_healthz_and_readyz_follow_redis(redis_server: RedisServer) -> None:
+    """/healthz is 200 throughout; /readyz is 503 while Redis is down and 200 once back."""
+    with NodeProcess("--redis", redis_server.url) as node:
+        assert await status(node.url + "/healthz") == 200
+        assert await status(node.url + "/readyz") == 200
+
+        redis_server.kill()
+
+        async def not_ready() -> bool:
+            return await status(node.url + "/readyz") == 503
+
+        await until(not_ready, 10, "/readyz 503 with Redis killed")
+        assert await status(node.url + "/healthz") == 200
+
+        redis_server.start()
+
+        async def ready() -> bool:
+            return await status(node.url + "/readyz") == 200
+
+        await until(ready, 15, "/readyz 200 after Redis restarted")
+        assert node.proc is not None and node.proc.poll() is None
+
+
+async def test_sigterm_closes_1001_withdraws_presence_and_exits_0(
+    redis_server: RedisServer,
+) -> None:
+    """SIGTERM: clients get 1001, presence is gone from Redis at once (not after the TTL),
+    exit 0; every log line of the node is a JSON object naming the node."""
+    ttl_s = 30.0
+    node = NodeProcess("--redis", redis_server.url, "--presence-ttl-ms", str(int(ttl_s * 1000)),
+                       "--log-format", "json", "--log-level", "DEBUG")
+    with node:
+        async with Publisher(redis_server.url, presence_ttl=ttl_s) as pub, \
+                websockets.connect(f"{node.ws_url}/chat?room=ops&name=a") as a, \
+                websockets.connect(f"{node.ws_url}/chat?room=ops&name=b") as b:
+            ids = set()
+            for ws in (a, b):
+                assert ws.response is not None
+                ids.add(ws.response.headers["X-Roomcast-Connection"])
+                node_id = ws.response.headers["X-Roomcast-Node"]
+
+            async def both_present() -> bool:
+                return await pub.room_members("ops") == ids
+
+            await until(both_present, 5, "both members in Redis presence")
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            for ws in (a, b):
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 10)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+            code = await asyncio.to_thread(node.proc.wait, 15)
+            assert code == 0
+            # Withdrawn by the node itself before it exited: no waiting for the TTL.
+            assert await pub.room_members("ops") == set()
+            assert time.monotonic() - signalled < ttl_s / 3
+
+    entries = []
+    for line in node.log().splitlines():
+        if line.startswith("{"):
+            entries.append(json.loads(line))
+        else:  # only aiohttp's banner is printed rather than logged
+            assert "Running on" in line or "CTRL+C" in line or not line.strip(), line
+    assert any(e["msg"] == f"node {node_id} started" and e["node"] == node_id for e in entries)
+    opened = {e["conn"] for e in entries if e["msg"].startswith("opened ")}
+    assert opened == ids
+    assert all(e["node"] == node_id for e in entries if e["logger"] == "roomcast.node")
+
+
+async def test_workers_report_cluster_totals_on_every_scrape(redis_server: RedisServer) -> None:
+    """--workers 2: any worker's /metrics has the connection total of both; counters of a
+    killed worker stay in the totals, its gauges leave them; the metrics dir is removed."""
+    node = NodeProcess("--workers", "2", "--redis", redis_server.url)
+    clients: list[ClientConnection] = []
+    with node:
+        try:
+            by_node: dict[str, list[ClientConnection]] = {}
+            deadline = time.monotonic() + 20
+            while len(by_node) < 2 or min(len(c) for c in by_node.values()) < 2:
+                assert time.monotonic() < deadline, f"connections not spread: {by_node}"
+                ws = await websockets.connect(f"{node.ws_url}/echo")
+                clients.append(ws)
+                assert ws.response is not None
+                by_node.setdefault(ws.response.headers["X-Roomcast-Node"], []).append(ws)
+            total = len(clients)
+            for ws in clients:
+                await ws.send("x")
+                assert await asyncio.wait_for(ws.recv(), 5) == "x"
+
+            answered: set[str] = set()
+
+            async def totals_right() -> bool:
+                who, samples = await scrape(node.url)
+                answered.add(who)
+                return (samples["roomcast_connections"] == total
+                        and samples["roomcast_messages_received_total"] == total)
+
+            await until(totals_right, 10, f"metrics show {total} connections and messages")
+            for _ in range(8):
+                who, samples = await scrape(node.url)
+                answered.add(who)
+                assert samples["roomcast_connections"] == total, (who, samples)
+                assert samples["roomcast_messages_received_total"] == total
+                assert samples["roomcast_connections_opened_total"] == total
+
+            async def both_answered() -> bool:
+                return await totals_right() and answered == set(by_node)
+
+            await until(both_answered, 10, "scrapes answered by both workers")
+
+            # SIGKILL one worker: its connections leave the gauge, its counts stay.
+            pids = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", node.log())]
+            assert len(pids) == 2
+            os.kill(pids[0], signal.SIGKILL)
+
+            async def one_node_gone() -> bool:
+                return any(all(ws.state is State.CLOSED for ws in members)
+                           for members in by_node.values())
+
+            await until(one_node_gone, 10, "the killed worker's clients disconnected")
+            survivors = sum(1 for ws in clients if ws.state is State.OPEN)
+
+            async def gauge_dropped() -> bool:
+                _, samples = await scrape(node.url)
+                assert samples["roomcast_messages_received_total"] == total
+                return samples["roomcast_connections"] == survivors
+
+            await until(gauge_dropped, 10, f"metrics show {survivors} live connections")
+        finally:
+            for ws in clients:
+                await ws.close()
+        match = re.search(r"workers share metrics through (\S+)", node.log())
+        assert match is not None
+        metrics_dir = Path(match.group(1))
+        assert await asyncio.to_thread(metrics_dir.is_dir)
+        assert await asyncio.to_thread(node.terminate) == 0
+        assert not await asyncio.to_thread(metrics_dir.exists)
