@@ -53,7 +53,6 @@ LATENCY_BUCKETS: Final = (
 """Publish-to-delivery seconds, from 0.5 ms (same host) to 5 s (a struggling Redis)."""
 REFUSAL_REASONS: Final = ("full", "origin", "handshake", "draining")
 
-# Counter name (without _total) -> (help, how to read its plain int).
 _Reader = Callable[[HubStats, Broker], int]
 
 
@@ -73,6 +72,7 @@ def _stat(name: str) -> _Reader:
     return read
 
 
+# Counter name (exposed with _total) -> (help, how to read its plain int).
 _COUNTERS: Final[dict[str, tuple[str, _Reader]]] = {
     "roomcast_connections_opened": (
         "WebSocket connections accepted (upgraded).", _stat("connections_opened")),
