@@ -51,6 +51,7 @@ class MemoryBroker:
         self._node: NodeId | None = None
         self._deliver: Deliver | None = None
         self.rooms: set[Room] = set()
+        self.published = 0
         self.dropped = 0
 
     @property
@@ -99,6 +100,7 @@ class MemoryBroker:
             raise BrokerError("broker is not started")
         if self.has_peers:
             self._bus.send_raw(envelope.kind, envelope.target, encode(envelope), self._node)
+            self.published += 1
 
     async def subscribe(self, room: Room) -> None:
         self.rooms.add(room)
