@@ -96,6 +96,21 @@ def _one_line(text: str) -> str:
 _context = _NodeContext(None)
 
 
+class _QuietProbes(logging.Filter):
+    """Drop access-log lines of /healthz, /readyz and /metrics: probes every few seconds."""
+
+    _PATHS = (" /healthz ", " /readyz ", " /metrics ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "aiohttp.access":
+            return True
+        message = record.getMessage()
+        return not any(path in message for path in self._PATHS)
+
+
+_quiet_probes = _QuietProbes()
+
+
 def set_node_id(node_id: str | None) -> None:
     """Name this node in every record from now on (call it once the Hub exists)."""
     _context.node_id = node_id
@@ -121,6 +136,7 @@ def configure_logging(
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_context)
+    handler.addFilter(_quiet_probes)
     handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:

@@ -109,3 +109,23 @@ async def test_hub_records_carry_the_connection_id(serve: Serve, stream: io.Stri
     assert any(e["msg"].startswith("opened") for e in about_conn)
     failed = [e for e in about_conn if "exc" in e]
     assert failed and "ValueError: handler bug" in failed[0]["exc"]
+
+
+def test_probe_requests_are_not_access_logged() -> None:
+    """Health checks and scrapes stay out of the access log; other requests do not."""
+    import io
+    import logging
+
+    from node.logs import configure_logging
+
+    stream = io.StringIO()
+    handler = configure_logging("INFO", "text", "n1", stream=stream)
+    try:
+        access = logging.getLogger("aiohttp.access")
+        access.info('127.0.0.1 "GET /readyz HTTP/1.1" 200 6')
+        access.info('127.0.0.1 "GET /metrics HTTP/1.1" 200 600')
+        access.info('127.0.0.1 "GET /chat?room=r HTTP/1.1" 101 0')
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "/chat" in lines[0]
