@@ -131,7 +131,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roomcast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a node with the chat demo",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           description="Run a roomcast node with the chat demo.")
     serve.add_argument("--check", action="store_true",
                        help="validate the settings and exit 0 without serving")
     for opt in _SERVE_OPTIONS:
@@ -139,7 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
         if kwargs.get("action") != "append":
             kwargs.setdefault("type", str)
         serve.add_argument(opt.flag, default=None, help=f"{opt.help} [{opt.env}]"
-                           + ("" if opt.default in (None, []) else f" (default {opt.default})"),
+                           + ("" if opt.default in (None, []) else f" (default: {opt.default})"),
                            **kwargs)
     return parser
 
