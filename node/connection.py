@@ -3,10 +3,15 @@
 The state machine lives here and only here: CONNECTING → OPEN → CLOSING → CLOSED
 (CONNECTING or OPEN may also go straight to CLOSED when the transport is lost).
 
-Outgoing frames are queued as ready-made bytes and written by the hub once per
-event-loop turn, so frames queued for one connection in one turn leave in one write.
-A connection whose unsent bytes exceed ``HubConfig.send_buffer_limit`` is cut off as a
-slow consumer (close code 1008) rather than slowing anyone else down.
+Outgoing frames are queued as ready-made bytes (the very objects a broadcast built once)
+and written by the hub once per event-loop turn, so frames queued for one connection in
+one turn leave in one write.
+
+Slow-consumer policy: the bytes held for one connection (queued this turn plus what
+the transport could not hand to the kernel yet) never exceed
+``HubConfig.send_buffer_limit``. A frame that would go over it cuts the connection off
+at once: the socket is aborted, its queued bytes are dropped, ``on_close`` gets 1008
+"slow consumer" and ``HubStats.slow_consumers`` counts it. Nobody else waits for it.
 """
 
 from __future__ import annotations
@@ -52,13 +57,14 @@ class Connection:
 
     __slots__ = (
         "_awaiting_pong_since",
+        "_backlog",
         "_close_code",
         "_close_reason",
         "_hub",
+        "_limit",
         "_next_ping",
         "_out",
         "_out_size",
-        "_queued",
         "_rooms_view",
         "_schedule_flush",
         "_transport",
@@ -96,9 +102,13 @@ class Connection:
         self._hub = hub
         self._ws: web.WebSocketResponse | None = None
         self._transport: asyncio.Transport | None = None
-        self._out: list[bytes] = []
+        self._out: bytes | list[bytes] | None = None
+        """Frames queued since the last write: None, one frame, or a list of frames."""
         self._out_size = 0
-        self._queued = False
+        """Bytes in ``_out``."""
+        self._backlog = 0
+        """At least the bytes the transport still holds (refreshed when it matters)."""
+        self._limit: int = hub.config.send_buffer_limit
         self._schedule_flush = schedule_flush
         self._awaiting_pong_since = 0.0
         self._next_ping = 0.0
@@ -193,33 +203,58 @@ class Connection:
             )
 
     def enqueue(self, frame: bytes) -> None:
-        """Queue frame bytes for the next write; cut off a slow consumer."""
-        if self.state is not ConnectionState.OPEN:
-            return
-        self._out.append(frame)
-        self._out_size += len(frame)
-        if self._out_size > self._hub.config.send_buffer_limit:
-            self._cut_off_slow_consumer()
-            return
-        if not self._queued:
-            self._queued = True
+        """Queue frame bytes for this turn's write; cut off a slow consumer."""
+        if self.state is ConnectionState.OPEN and self._push(frame):
             self._schedule_flush(self)
+
+    def _push(self, frame: bytes) -> bool:
+        """Queue ``frame`` without scheduling a write (the caller does that).
+
+        True if the connection needs a flush this turn: the frame is the first one
+        queued since the last write. A frame that would take the bytes held for this
+        connection over the limit cuts it off instead. Call only while OPEN.
+        """
+        size = self._out_size + len(frame)
+        self._out_size = size
+        if size + self._backlog > self._limit and self._over_limit():
+            return False
+        out = self._out
+        if out is None:
+            self._out = frame
+            return True
+        if isinstance(out, list):
+            out.append(frame)
+        else:
+            self._out = [out, frame]
+        return False
+
+    def _over_limit(self) -> bool:
+        """The held bytes may be over the limit: ask the transport, cut off if they are.
+
+        ``_backlog`` only ever overestimates what the transport holds (it grows by each
+        write and is corrected here), so the transport is asked only near the limit.
+        """
+        transport = self._transport
+        self._backlog = transport.get_write_buffer_size() if transport is not None else 0
+        if self._out_size + self._backlog <= self._limit:
+            return False
+        self._cut_off_slow_consumer()
+        return True
 
     def flush(self) -> None:
         """Write everything queued in one call to the transport."""
-        self._queued = False
-        out = self._out
-        if not out:
+        data = self._out
+        if data is None:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        self._out = []
-        self._out_size = 0
+        self._out = None
+        size, self._out_size = self._out_size, 0
+        if isinstance(data, list):
+            data = b"".join(data)
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         transport.write(data)
-        if transport.get_write_buffer_size() > self._hub.config.send_buffer_limit:
-            self._cut_off_slow_consumer()
+        self._backlog += size
 
     def _cut_off_slow_consumer(self) -> None:
         """The peer does not read fast enough: drop it so it slows no one else."""
@@ -255,7 +290,7 @@ class Connection:
         if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
             return
         self._close_code, self._close_reason = code, reason
-        self._out = []
+        self._out = None
         self._out_size = 0
         if self.state is ConnectionState.OPEN:
             self._set_state(ConnectionState.CLOSING)
@@ -284,7 +319,7 @@ class Connection:
     def _mark_closed(self) -> bool:
         """The connection is gone; True if it had been open (so on_close is due)."""
         was_open = self.state is not ConnectionState.CONNECTING
-        self._out = []
+        self._out = None
         self._out_size = 0
         if self.state is not ConnectionState.CLOSED:
             self._set_state(ConnectionState.CLOSED)

@@ -471,20 +471,39 @@ class Hub:
     def _deliver(
         self, members: Iterable[Connection], prepared: PreparedMessage, exclude: str | None
     ) -> None:
-        """Queue the prepared frame for each open member except ``exclude``."""
+        """Queue the prepared frame for each open member except ``exclude``.
+
+        Every member gets the same bytes object (one per negotiated deflate window with
+        compression on); nothing is copied, and no task or coroutine is made per member.
+        Members get one write each when the loop turn ends (``_flush_all``).
+        """
         count = 0
         open_state = ConnectionState.OPEN
+        dirty = self._dirty
         if self.config.enable_compression:
+            frame_for = prepared.frame_for
             for conn in members:
                 if conn.state is open_state and conn.id != exclude:
-                    conn.enqueue(prepared.frame_for(conn.wbits))
                     count += 1
+                    if conn._push(frame_for(conn.wbits)):
+                        dirty.append(conn)
+        elif exclude is None:
+            frame = prepared.frame
+            for conn in members:
+                if conn.state is open_state:
+                    count += 1
+                    if conn._push(frame):
+                        dirty.append(conn)
         else:
             frame = prepared.frame
             for conn in members:
                 if conn.state is open_state and conn.id != exclude:
-                    conn.enqueue(frame)
                     count += 1
+                    if conn._push(frame):
+                        dirty.append(conn)
+        if dirty and not self._flush_scheduled:
+            self._flush_scheduled = True
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_all)
         stats = self.stats
         stats.messages_out += count
         stats.bytes_out += count * len(prepared.payload)
@@ -510,14 +529,18 @@ class Hub:
     # -- the write path --------------------------------------------------------------
 
     def _schedule_flush(self, conn: Connection) -> None:
+        """``conn`` has its first frame of this turn queued: write it when the turn ends."""
         self._dirty.append(conn)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop = self._loop or asyncio.get_running_loop()
-            loop.call_soon(self._flush_all)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_all)
 
     def _flush_all(self) -> None:
-        """Write every connection's queued frames: one write per connection per turn."""
+        """Write every connection's queued frames: one write per connection per turn.
+
+        Scheduled with ``call_soon`` by the first frame of a turn, so everything queued
+        while the current batch of callbacks and I/O events runs leaves together.
+        """
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
