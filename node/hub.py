@@ -489,10 +489,16 @@ class Hub:
                         dirty.append(conn)
         elif exclude is None:
             frame = prepared.frame
+            size = len(frame)
             for conn in members:
                 if conn.state is open_state:
                     count += 1
-                    if conn._push(frame):
+                    # Connection._push inlined for its most common case: the first
+                    # frame of the turn, well within the limit.
+                    if conn._out is None and conn._backlog + size <= conn._limit:
+                        conn._out, conn._out_size = frame, size
+                        dirty.append(conn)
+                    elif conn._push(frame):
                         dirty.append(conn)
         else:
             frame = prepared.frame
