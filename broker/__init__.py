@@ -2,7 +2,9 @@
 
 ``create_broker(url)`` picks one by URL scheme: no URL or ``memory://`` gives the
 in-process broker (one node); ``redis://``, ``rediss://`` and ``unix://`` give the
-Redis broker.
+Redis broker; ``redis+cluster://`` and ``rediss+cluster://`` give the Redis Cluster
+broker (sharded pub/sub). ``Publisher`` takes the Redis URLs, ``ClusterPublisher``
+the cluster ones.
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ from __future__ import annotations
 from broker.base import Broker, Deliver
 from broker.memory import MemoryBroker, MemoryBus
 from broker.publisher import Publisher
+from broker.redis_cluster import ClusterPublisher
 
-__all__ = ["Broker", "Deliver", "MemoryBroker", "MemoryBus", "Publisher", "create_broker"]
+__all__ = [
+    "Broker", "ClusterPublisher", "Deliver", "MemoryBroker", "MemoryBus", "Publisher",
+    "create_broker",
+]
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 def create_broker(
@@ -25,10 +32,17 @@ def create_broker(
 ) -> Broker:
     """The broker for ``url``; ValueError for a scheme roomcast does not know.
 
-    ``prefix``, ``heartbeat_interval`` and ``presence_ttl`` apply to the Redis broker.
+    ``prefix``, ``heartbeat_interval`` and ``presence_ttl`` apply to the Redis brokers.
     """
     if url is None or url == "" or url == "memory://":
         return MemoryBroker()
+    if url.lower().startswith(_CLUSTER_SCHEMES):
+        from broker.redis_cluster import RedisClusterBroker
+
+        return RedisClusterBroker(
+            url, prefix=prefix, heartbeat_interval=heartbeat_interval,
+            presence_ttl=presence_ttl,
+        )
     if url.startswith(_REDIS_SCHEMES):
         from broker.redis import RedisBroker
 
@@ -37,5 +51,6 @@ def create_broker(
             presence_ttl=presence_ttl,
         )
     raise ValueError(
-        f"unknown broker URL {url!r}: use redis://, rediss://, unix:// or memory://"
+        f"unknown broker URL {url!r}: use redis://, rediss://, unix://, "
+        "redis+cluster://, rediss+cluster:// or memory://"
     )

@@ -4,6 +4,11 @@ Channels: ``{prefix}:room:{room}``, ``{prefix}:node:{node}`` (sends to that node
 connections) and ``{prefix}:all``. Presence: the hash ``{prefix}:presence:{room}``
 (connection id -> node id), the set ``{prefix}:node-rooms:{node}`` (rooms a node has
 presence in, for cleanup) and the sorted set ``{prefix}:nodes`` (node -> last heartbeat).
+
+On a Redis Cluster (``cluster=True``) the channel names are the same, so each room's
+channel hashes on its whole name and rooms spread over the shards; the presence keys
+put the prefix in a hash tag (``{roomcast}:presence:lobby``, ``{roomcast}:nodes``, ...),
+so that every presence key lives in one slot and the presence scripts stay single-slot.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class Keys:
     """Every channel and key name under ``prefix``; prefixes never collide (no ``:``)."""
 
     prefix: str
+    cluster: bool = False
+    """Hash-tag the presence keys into one slot (Redis Cluster); channels are unchanged."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str):
@@ -42,17 +49,22 @@ class Keys:
     @property
     def nodes(self) -> str:
         """The sorted set of live nodes, scored by their last heartbeat (Redis time)."""
-        return f"{self.prefix}:nodes"
+        return f"{self._key_root}:nodes"
 
     @property
     def presence_prefix(self) -> str:
         """What precedes the room name in a presence hash key (Lua scripts build keys)."""
-        return f"{self.prefix}:presence:"
+        return f"{self._key_root}:presence:"
 
     @property
     def node_rooms_prefix(self) -> str:
         """What precedes the node id in a node's room-set key (Lua scripts build keys)."""
-        return f"{self.prefix}:node-rooms:"
+        return f"{self._key_root}:node-rooms:"
+
+    @property
+    def _key_root(self) -> str:
+        # "{prefix}" is a Redis Cluster hash tag: only the prefix is hashed, one slot
+        return f"{{{self.prefix}}}" if self.cluster else self.prefix
 
     def room_channel(self, room: str) -> str:
         """The channel of ``room``'s envelopes."""

@@ -1,14 +1,16 @@
 """The Hub's cross-node contract, run against every broker.
 
 Three hubs, each served on its own real socket, share one broker medium: a MemoryBus
-(in-process) or a real redis-server started for the test. The same test bodies run on
-both, so the in-process broker and the Redis broker promise the same behaviour.
+(in-process), a real redis-server started for the test, or a real 3-master Redis Cluster
+(one per module, a fresh prefix per test). The same test bodies run on all of them, so
+the in-process broker and the Redis brokers promise the same behaviour.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,7 @@ from aiohttp import web
 
 from broker import Broker, MemoryBroker, MemoryBus
 from node import Connection, EventHandler, Hub, Message
+from tests.redis_cluster import LocalRedisCluster
 from tests.redis_server import RedisServer
 
 Serve = Callable[[web.Application], Awaitable[str]]
@@ -87,7 +90,17 @@ class Cluster:
         return Member(ws, conn, hub)
 
 
-@pytest.fixture(params=["memory", "redis"])
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A 3-master Redis Cluster shared by this module's tests (each uses its own prefix)."""
+    with LocalRedisCluster(masters=3) as local:
+        yield local
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def cluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator[Cluster]:
     """Three nodes sharing the broker named by the parameter."""
     redis_server: RedisServer | None = None
@@ -96,6 +109,14 @@ async def cluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator
 
         def make_broker() -> Broker:
             return MemoryBroker(bus)
+    elif request.param == "redis-cluster":
+        from broker.redis_cluster import RedisClusterBroker
+
+        cluster_url = request.getfixturevalue("redis_cluster").url
+        prefix = f"contract{next(_prefixes)}"
+
+        def make_broker() -> Broker:
+            return RedisClusterBroker(cluster_url, prefix=prefix)
     else:
         from broker.redis import RedisBroker
 

@@ -1,0 +1,532 @@
+"""The Redis Cluster broker: envelopes over sharded pub/sub, presence in one hash-tag slot.
+
+Same behaviour as ``RedisBroker``, on a Redis Cluster through redis-py's ``RedisCluster``:
+
+- Channels keep their names (``{prefix}:room:{room}``, ``{prefix}:node:{node}``,
+  ``{prefix}:all``) and travel by SPUBLISH/SSUBSCRIBE, so each one lives on the master of
+  its slot: a room's traffic stays on one shard and rooms spread over all of them.
+- Presence keys put the prefix in a hash tag (``{roomcast}:presence:lobby``,
+  ``{roomcast}:node-rooms:<node>``, ``{roomcast}:nodes``): one slot, so the heartbeat,
+  sweep, re-sync and read scripts (the very scripts of ``RedisBroker``) run atomically
+  on one master.
+- Publishes and presence writes are pipelined per master; a dead master fails only its
+  own rooms' publishes. Subscriptions follow failovers and slot migrations by themselves
+  (``broker._cluster_pubsub``).
+
+URL: ``redis+cluster://[[user]:password@]host[:port][,host[:port]...][/?options]``, or
+``rediss+cluster://`` for TLS; any one reachable node is enough to find the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Final
+
+from broker._cluster_common import (
+    CLUSTER_ERRORS,
+    ShardPipeliner,
+    TopologyRefresher,
+    describe_cluster_failure,
+    make_cluster_client,
+    read_cluster_room_members,
+    spublish_bytes,
+)
+from broker._cluster_pubsub import ShardSubscriber
+from broker._keys import Keys, redact_url
+from broker._redis_common import DEFAULT_SOCKET_TIMEOUT, Command
+from broker.base import Deliver
+from broker.redis import _HEARTBEAT_LUA, _RESYNC_LUA, _WITHDRAW_LUA
+from shared.envelope import Envelope, Kind, decode, encode
+from shared.errors import BrokerError, EnvelopeError, PublishError
+from shared.ids import ConnectionId, NodeId, Room, node_of, validate_node_id, validate_room
+
+__all__ = ["ClusterPublisher", "RedisClusterBroker"]
+
+log = logging.getLogger("roomcast.broker.redis_cluster")
+
+_WARN_EVERY: Final = 1.0
+"""Seconds between two warnings of one kind (failed publishes, garbage received)."""
+
+Data = str | bytes
+
+
+class RedisClusterBroker:
+    """A Broker that reaches the other nodes through the Redis Cluster at ``url``.
+
+    Timing, failure rules and stats are those of ``RedisBroker``: a node that dies
+    without ``close()`` drops out of ``room_members`` within ``presence_ttl`` of its last
+    heartbeat and is swept by a live peer within ``presence_ttl + heartbeat_interval``;
+    a publish that cannot be made raises PublishError. Stats (plain ints): ``published``,
+    ``received``, ``dropped``, ``publish_failures``, ``reconnects`` (recoveries after a
+    lost pub/sub link) and ``resubscribes`` (channels moved to another master).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "roomcast",
+        heartbeat_interval: float = 1.0,
+        presence_ttl: float = 5.0,
+        reconnect_max_delay: float = 5.0,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        health_check_interval: float = 1.0,
+    ) -> None:
+        _positive("heartbeat_interval", heartbeat_interval)
+        _positive("presence_ttl", presence_ttl)
+        _positive("reconnect_max_delay", reconnect_max_delay)
+        _positive("health_check_interval", health_check_interval)
+        if presence_ttl <= heartbeat_interval:
+            raise ValueError(
+                f"presence_ttl ({presence_ttl}) must exceed heartbeat_interval "
+                f"({heartbeat_interval}), or live nodes would be swept between heartbeats"
+            )
+        self._keys = Keys(prefix, cluster=True)
+        self._url = url
+        self._safe_url = redact_url(url)
+        self._client = make_cluster_client(url, socket_timeout)
+        self._refresher = TopologyRefresher(self._client, float(socket_timeout))
+        self._pipeliner = ShardPipeliner(self._client, float(socket_timeout),
+                                         self._refresher.request)
+        self._subscriber = ShardSubscriber(
+            self._client, url, self._refresher,
+            on_message=self._on_message, on_recovered=self._on_recovered,
+            socket_timeout=float(socket_timeout),
+            health_check_interval=float(health_check_interval),
+            reconnect_max_delay=float(reconnect_max_delay),
+        )
+        self._heartbeat_interval = float(heartbeat_interval)
+        self._presence_ttl = float(presence_ttl)
+
+        self._node: NodeId | None = None
+        self._deliver: Deliver | None = None
+        self._closed = False
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._desired: set[Room] = set()
+
+        # This node's presence, re-applied whenever Redis may have lost or missed some.
+        self._presence: dict[Room, set[ConnectionId]] = {}
+        self._presence_dirty = False
+        self._last_warning: dict[str, float] = {}
+
+        self.published = 0
+        self.received = 0
+        self.dropped = 0
+        self.publish_failures = 0
+
+    @property
+    def connected(self) -> bool:
+        """True while every channel this node needs is subscribed on a live master."""
+        return self._subscriber.connected and not self._closed
+
+    @property
+    def has_peers(self) -> bool:
+        """Always True: other nodes may share this cluster."""
+        return True
+
+    @property
+    def node_id(self) -> NodeId | None:
+        """The node id given to ``start()``, None before."""
+        return self._node
+
+    @property
+    def reconnects(self) -> int:
+        """Times sharded pub/sub was restored after a link to a master was lost."""
+        return self._subscriber.reconnects
+
+    @property
+    def resubscribes(self) -> int:
+        """Channels re-subscribed on another master (failover, slot migration, MOVED)."""
+        return self._subscriber.resubscribes
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, node_id: NodeId, deliver: Deliver) -> None:
+        """Find the cluster, subscribe this node's and the everyone channel, register.
+
+        Raises BrokerError if the cluster cannot be reached now, so a bad URL fails fast.
+        """
+        if self._closed:
+            raise BrokerError("this RedisClusterBroker is closed; create a new one")
+        if self._node is not None:
+            raise BrokerError(f"this RedisClusterBroker is already started as node "
+                              f"{self._node}")
+        self._node = validate_node_id(node_id)
+        self._deliver = deliver
+        try:
+            await self._client.initialize()
+            await self._subscriber.start(
+                [self._keys.node_channel(self._node), self._keys.all_channel]
+            )
+            await self._heartbeat()
+        except CLUSTER_ERRORS as exc:
+            self._node = None
+            self._deliver = None
+            await self._subscriber.close()
+            raise BrokerError(
+                f"cannot start: {describe_cluster_failure(exc, self._url)}"
+            ) from exc
+        self._heartbeat_task = asyncio.create_task(
+            self._heartbeat_loop(), name="roomcast-cluster-heartbeat"
+        )
+        log.info("node %s joined Redis Cluster at %s (prefix %r, %d masters)", node_id,
+                 self._safe_url, self._keys.prefix, len(self._client.get_primaries()))
+
+    async def close(self) -> None:
+        """Withdraw this node's presence, stop the tasks, close connections; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        node = self._node
+        if node is not None:
+            try:
+                replies = await self._pipeliner.execute(
+                    self._keys.nodes,
+                    ("EVAL", _WITHDRAW_LUA, 1, self._keys.nodes, node,
+                     self._keys.presence_prefix, self._keys.node_rooms(node)),
+                )
+                _raise_first(replies)
+            except CLUSTER_ERRORS as exc:
+                log.warning(
+                    "could not withdraw node %s's presence (%s); peers remove it within %.1f s",
+                    node, describe_cluster_failure(exc, self._url),
+                    self._presence_ttl + self._heartbeat_interval,
+                )
+        await self._pipeliner.drain()
+        await self._subscriber.close()
+        await self._refresher.close()
+        self._presence.clear()
+        self._desired.clear()
+        with contextlib.suppress(*CLUSTER_ERRORS):
+            await self._client.aclose()  # can time out if a master is frozen
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def publish(self, envelope: Envelope) -> None:
+        """SPUBLISH ``envelope`` on its one channel, pipelined per master.
+
+        Raises PublishError (and counts it) if the cluster did not take it.
+        """
+        self._require_running()
+        try:
+            await spublish_bytes(
+                self._pipeliner, self._url, self._keys.channel_for(envelope), encode(envelope)
+            )
+        except PublishError as exc:
+            self.publish_failures += 1
+            self._warn("publish", "cross-node publish failed (%d so far): %s",
+                       self.publish_failures, exc)
+            raise
+        self.published += 1
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    async def subscribe(self, room: Room) -> None:
+        """Receive ``room``'s envelopes; returns once its master confirmed (or refused)."""
+        room = validate_room(room)
+        self._desired.add(room)
+        await self._subscriber.add(self._keys.room_channel(room))
+
+    async def unsubscribe(self, room: Room) -> None:
+        """Stop receiving ``room``'s envelopes; late ones still in flight are ignored."""
+        room = validate_room(room)
+        self._desired.discard(room)
+        await self._subscriber.remove(self._keys.room_channel(room))
+
+    # -- presence --------------------------------------------------------------------
+
+    async def add_presence(self, room: Room, connection: ConnectionId) -> None:
+        """Record ``connection`` in ``room``; never raises for the cluster being down."""
+        node = self._require_running()
+        room = validate_room(room)
+        owner = node_of(connection)
+        if owner != node:
+            raise ValueError(f"connection {connection} belongs to node {owner}, not {node}")
+        self._presence.setdefault(room, set()).add(connection)
+        await self._write_presence(
+            ("HSET", self._keys.presence(room), connection, node),
+            ("SADD", self._keys.node_rooms(node), room),
+        )
+
+    async def remove_presence(self, connection: ConnectionId, rooms: Iterable[Room]) -> None:
+        """Withdraw ``connection`` from ``rooms``; never raises for the cluster being down."""
+        node = self._node
+        commands: list[Command] = []
+        for room in rooms:
+            members = self._presence.get(room)
+            if members is not None:
+                members.discard(connection)
+                if not members:
+                    del self._presence[room]
+            commands.append(("HDEL", self._keys.presence(room), connection))
+            if node is not None and room not in self._presence:
+                commands.append(("SREM", self._keys.node_rooms(node), room))
+        if commands and node is not None and not self._closed:
+            await self._write_presence(*commands)
+
+    async def room_members(self, room: Room) -> set[ConnectionId]:
+        """Every connection in ``room`` on a live node; BrokerError if unreachable."""
+        if self._closed:
+            raise BrokerError("this RedisClusterBroker is closed")
+        return await read_cluster_room_members(
+            self._client, self._keys, validate_room(room), self._presence_ttl, self._url
+        )
+
+    async def _write_presence(self, *commands: Command) -> None:
+        if self._presence_dirty:
+            # the presence master failed lately: don't make the hub wait for a timeout;
+            # the next heartbeat re-applies the whole local mirror anyway
+            return
+        try:
+            replies = await self._pipeliner.execute(self._keys.nodes, *commands)
+            failure = next((r for r in replies if isinstance(r, Exception)), None)
+        except CLUSTER_ERRORS as exc:
+            failure = exc
+        if failure is not None:
+            # remembered, and re-applied in full by the next heartbeat
+            self._presence_dirty = True
+            self._warn("presence", "presence write deferred: %s",
+                       describe_cluster_failure(failure, self._url))
+
+    async def _resync_presence(self) -> None:
+        """Replace this node's presence in Redis by the local mirror, atomically."""
+        node = self._require_running()
+        self._presence_dirty = False
+        pairs: list[str] = []
+        for room, members in self._presence.items():
+            for connection in members:
+                pairs += (room, connection)
+        rooms_key = self._keys.node_rooms(node)
+        # KEYS[1] only routes the script to the presence slot; the script reads ARGV
+        await self._write_presence(
+            ("EVAL", _RESYNC_LUA, 1, rooms_key, node, self._keys.presence_prefix,
+             rooms_key, *pairs)
+        )
+
+    async def _heartbeat(self) -> None:
+        """Refresh this node's score, sweep dead nodes, re-register if we were swept."""
+        node = self._require_running()
+        (reply,) = await self._pipeliner.execute(
+            self._keys.nodes,
+            ("EVAL", _HEARTBEAT_LUA, 1, self._keys.nodes, node, repr(self._presence_ttl),
+             self._keys.presence_prefix, self._keys.node_rooms_prefix),
+        )
+        if isinstance(reply, Exception):
+            raise reply
+        added, dead = reply
+        if dead:
+            log.info("removed the presence of dead nodes %s",
+                     ", ".join(_text(n) for n in dead))
+        if (added and self._presence) or self._presence_dirty:
+            if added and self._presence:
+                log.info("node %s was missing from Redis (swept or failed over); "
+                         "re-registering its presence", node)
+            await self._resync_presence()
+
+    async def _heartbeat_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time()
+        failing = False
+        while True:
+            next_beat += self._heartbeat_interval
+            await asyncio.sleep(max(0.0, next_beat - loop.time()))
+            try:
+                await self._heartbeat()
+            except CLUSTER_ERRORS as exc:
+                if not failing:
+                    log.warning("heartbeat failed: %s",
+                                describe_cluster_failure(exc, self._url))
+                failing = True
+                # the presence master may be failing over and lose recent writes
+                self._presence_dirty = True
+            except Exception:
+                # a bug here must not silently stop the beats: peers would sweep us
+                log.exception("heartbeat failed unexpectedly; retrying")
+                failing = True
+            else:
+                if failing:
+                    log.info("heartbeat to %s works again", self._safe_url)
+                failing = False
+            next_beat = max(next_beat, loop.time() - self._heartbeat_interval)
+
+    async def _on_recovered(self) -> None:
+        # the presence master may have failed over and lost recent writes: re-apply all
+        self._presence_dirty = True
+        try:
+            await self._heartbeat()
+        except CLUSTER_ERRORS as exc:
+            log.warning("could not re-register presence after recovery: %s",
+                        describe_cluster_failure(exc, self._url))
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            envelope = decode(data)
+        except EnvelopeError as exc:
+            self.dropped += 1
+            self._warn("dropped", "dropped an invalid envelope from Redis (%d so far): %s",
+                       self.dropped, exc)
+            return
+        except Exception:
+            # anyone can SPUBLISH on our channels: a decoder bug must not kill the link
+            self.dropped += 1
+            log.exception("dropped an envelope the decoder choked on (%d so far)", self.dropped)
+            return
+        if envelope.origin and envelope.origin == self._node:
+            return  # our own publish: the hub already delivered it locally
+        if envelope.kind is Kind.ROOM and envelope.target not in self._desired:
+            return  # in flight when the room's last local member left
+        self.received += 1
+        if self._deliver is None:
+            return
+        try:
+            self._deliver(envelope)
+        except Exception:
+            log.exception("deliver callback raised for a %s envelope; listener goes on",
+                          envelope.kind.name)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _require_running(self) -> NodeId:
+        if self._closed:
+            raise BrokerError("this RedisClusterBroker is closed")
+        if self._node is None:
+            raise BrokerError("this RedisClusterBroker is not started; call start() first")
+        return self._node
+
+    def _warn(self, topic: str, message: str, *args: object) -> None:
+        # an outage fails every call; one warning per second per topic is enough
+        now = time.monotonic()
+        if now - self._last_warning.get(topic, -_WARN_EVERY) >= _WARN_EVERY:
+            self._last_warning[topic] = now
+            log.warning(message, *args)
+
+
+class ClusterPublisher:
+    """``Publisher`` for a Redis Cluster: reaches the nodes sharing ``prefix`` at ``url``.
+
+    Same methods and rules as ``broker.Publisher`` (which takes ``redis://`` URLs):
+    ``presence_ttl`` must match the nodes'; failures raise PublishError and are counted
+    in ``publish_failures``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "roomcast",
+        presence_ttl: float = 5.0,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    ) -> None:
+        _positive("presence_ttl", presence_ttl)
+        self._keys = Keys(prefix, cluster=True)
+        self._url = url
+        self._presence_ttl = float(presence_ttl)
+        self._client = make_cluster_client(url, socket_timeout)
+        self._refresher = TopologyRefresher(self._client, float(socket_timeout))
+        self._pipeliner = ShardPipeliner(self._client, float(socket_timeout),
+                                         self._refresher.request)
+        self._closed = False
+        self.published = 0
+        self.publish_failures = 0
+
+    async def publish_to_room(
+        self, room: str, data: Data, *, exclude: str | None = None
+    ) -> None:
+        """Send ``data`` to every member of ``room`` on every node, except ``exclude``."""
+        await self._publish(Kind.ROOM, validate_room(room), data, exclude)
+
+    async def send_to_connection(self, connection_id: str, data: Data) -> None:
+        """Send ``data`` to the one connection ``connection_id``, wherever it lives."""
+        node_of(connection_id)  # ValueError now rather than an envelope nobody can route
+        await self._publish(Kind.CONNECTION, connection_id, data, None)
+
+    async def broadcast(self, data: Data, *, exclude: str | None = None) -> None:
+        """Send ``data`` to every connection of every node, except ``exclude``."""
+        await self._publish(Kind.ALL, "", data, exclude)
+
+    async def room_members(self, room: str) -> set[ConnectionId]:
+        """Every connection in ``room`` on a live node; BrokerError if unreachable."""
+        self._require_open()
+        return await read_cluster_room_members(
+            self._client, self._keys, validate_room(room), self._presence_ttl, self._url
+        )
+
+    async def room_size(self, room: str) -> int:
+        """How many connections are in ``room`` across the cluster."""
+        return len(await self.room_members(room))
+
+    async def close(self) -> None:
+        """Finish pending publishes and release the connections; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._pipeliner.drain()
+        await self._refresher.close()
+        with contextlib.suppress(*CLUSTER_ERRORS):
+            await self._client.aclose()
+
+    async def __aenter__(self) -> ClusterPublisher:
+        self._require_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _publish(self, kind: Kind, target: str, data: Data, exclude: str | None) -> None:
+        self._require_open()
+        if isinstance(data, str):
+            payload, binary = data.encode(), False
+        elif isinstance(data, bytes | bytearray | memoryview):
+            payload, binary = bytes(data), True
+        else:
+            raise TypeError(f"data must be str or bytes, got {type(data).__name__}")
+        if exclude is not None:
+            node_of(exclude)
+        envelope = Envelope(
+            kind, target, payload, binary, origin="", exclude=exclude or "",
+            sent_at=time.time(),
+        )
+        try:
+            await spublish_bytes(
+                self._pipeliner, self._url, self._keys.channel_for(envelope), encode(envelope)
+            )
+        except PublishError:
+            self.publish_failures += 1
+            raise
+        self.published += 1
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise BrokerError("this ClusterPublisher is closed; create a new one")
+
+
+def _raise_first(replies: list[Any]) -> None:
+    failure = next((r for r in replies if isinstance(r, Exception)), None)
+    if failure is not None:
+        raise failure
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
