@@ -3,6 +3,7 @@
 One room, frame bytes encoded once per message, one transport write per member per
 message, one Redis publish per message. No hub, no envelope validation, no buffers.
 It is the yardstick roomcast's node is measured against, not something to deploy.
+GET /stats returns, per message received here, the seconds its local write loop took.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
@@ -31,10 +33,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
+    parser.add_argument("--ping-interval", type=float, default=0.0,
+                        help="aiohttp heartbeat seconds (0: none, aiohttp's default)")
     args = parser.parse_args()
     members: set[asyncio.Transport] = set()
     me = os.urandom(4)
     client = redis.from_url(args.redis)
+    timings: list[float] = []
 
     def deliver(data: bytes) -> None:
         for transport in members:
@@ -56,7 +61,7 @@ def main() -> None:
         await client.aclose()
 
     async def bench(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse()
+        ws = web.WebSocketResponse(heartbeat=args.ping_interval or None)
         await ws.prepare(request)
         transport = request.transport
         assert transport is not None
@@ -66,16 +71,24 @@ def main() -> None:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     raw = msg.data.encode() if msg.type is WSMsgType.TEXT else msg.data
                     data = frame(raw, 1 if msg.type is WSMsgType.TEXT else 2)
+                    start = time.perf_counter()
                     deliver(data)
+                    timings.append(time.perf_counter() - start)
                     await client.publish(CHANNEL, me + data)
         finally:
             members.discard(transport)  # type: ignore[arg-type]
         return ws
 
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({"broadcast_seconds": timings[-50:],
+                                  "connections": len(members)})
+
     app = web.Application()
     app.cleanup_ctx.append(listen)
     app.router.add_get("/bench", bench)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    app.router.add_get("/stats", stats)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None,
+                backlog=4096)
 
 
 if __name__ == "__main__":

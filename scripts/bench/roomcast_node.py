@@ -1,13 +1,16 @@
 """A roomcast node for benchmarks: /bench?room=R joins R; every message goes to R.
 
 Written as a user would with the Hub API (no notices, no demo page), so benchmarks
-measure the hub and broker, not the demo.
+measure the hub and broker, not the demo. ``--redis ""`` runs one node with no broker.
+GET /stats returns the hub's counters and, per broadcast made here, the seconds from
+the broadcast call to the end of the write pass that sent it to the last local member.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -17,10 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from broker import create_broker
 from node import Connection, EventHandler, Hub, HubConfig, Message, get_hub
 
+TIMINGS: list[float] = []
+_STARTED: list[float] = []
+
 
 async def on_message(conn: Connection, msg: Message) -> None:
     hub = get_hub(conn.request)
     for room in conn.rooms:
+        _STARTED.append(time.perf_counter())
         await hub.broadcast_to_room(room, msg.data)
 
 
@@ -31,18 +38,48 @@ async def bench(request: web.Request) -> web.StreamResponse:
     return await get_hub(request).upgrade(request, HANDLER, rooms=[request.query["room"]])
 
 
+async def stats(request: web.Request) -> web.Response:
+    hub = get_hub(request)
+    return web.json_response({"broadcast_seconds": TIMINGS[-50:],
+                              "connections": hub.connection_count, **hub.stats.as_dict()})
+
+
+def instrument(hub: Hub) -> None:
+    """Time broadcasts to the end of the write pass that follows them.
+
+    The first local member of a broadcast schedules ``hub._flush_all`` for the end
+    of the turn, so the next pass to end is the one that wrote to its last member.
+    """
+    flush_all = hub._flush_all
+
+    def timed_flush_all() -> None:
+        flush_all()
+        if _STARTED:
+            end = time.perf_counter()
+            TIMINGS.extend(end - start for start in _STARTED)
+            _STARTED.clear()
+
+    hub._flush_all = timed_flush_all  # type: ignore[method-assign]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
     parser.add_argument("--compression", action="store_true")
+    parser.add_argument("--ping-interval", type=float, default=30.0)
     args = parser.parse_args()
     config = HubConfig(max_connections=200_000, enable_compression=args.compression,
-                       send_buffer_limit=16 * 1024 * 1024)
+                       send_buffer_limit=16 * 1024 * 1024,
+                       ping_interval_ms=int(args.ping_interval * 1000))
     app = web.Application()
-    Hub(config, broker=create_broker(args.redis, prefix="bench")).attach(app)
+    hub = Hub(config, broker=create_broker(args.redis or None, prefix="bench"))
+    instrument(hub)
+    hub.attach(app)
     app.router.add_get("/bench", bench)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    app.router.add_get("/stats", stats)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None,
+                backlog=4096)
 
 
 if __name__ == "__main__":
