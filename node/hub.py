@@ -309,7 +309,9 @@ class Hub:
                 await self._call(conn, handler.on_pong, msg.data)
             elif kind is WSMsgType.CLOSE:
                 if conn._close_code is None:
-                    conn._close_code = int(msg.data)
+                    # aiohttp reports a close frame without a status code as 0; RFC 6455
+                    # section 7.1.5 calls that 1005.
+                    conn._close_code = int(msg.data) or CloseCode.NO_STATUS
                     conn._close_reason = msg.extra or ""
                 return
             elif kind is WSMsgType.ERROR:

@@ -273,46 +273,89 @@ class PreparedMessage:
         return frame
 
 
-class MaskChecker:
-    """Follows frame boundaries in a client's byte stream and rejects unmasked frames.
+class ClientFrameChecker:
+    """Follows frame boundaries in a client's byte stream and fails what aiohttp's reader
+    lets through.
 
-    RFC 6455 section 5.1 requires a server to close with 1002 on an unmasked client
-    frame. Only headers are read; payload bytes are skipped, not copied.
+    RFC 6455 requires a server to fail the connection on: an unmasked client frame
+    (section 5.1, checked as soon as the 2 header bytes are in), a 64-bit length with its
+    top bit set (5.2), RSV1 on a control frame (5.2; RFC 7692 section 6), a data frame
+    inside a fragmented message or a continuation outside one (5.4), and a close frame
+    whose code may not be sent or whose reason is not UTF-8 (5.5.1, 7.4). Only headers
+    and close payloads (at most 125 bytes) are read; other payload bytes are skipped.
     """
 
-    __slots__ = ("_header", "_skip")
+    __slots__ = ("_close", "_header", "_in_message", "_skip")
 
     def __init__(self) -> None:
         self._header = bytearray()
         self._skip = 0
+        self._in_message = False
+        self._close: bytearray | None = None
+        """The mask key, then the masked payload so far, of the close frame being read."""
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Check the frame headers in ``data``; ProtocolError on an unmasked frame."""
+        """Check the frames in ``data``; ProtocolError (with its close code) on a fault."""
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:
             if self._skip:
                 step = min(self._skip, end - pos)
+                if self._close is not None:
+                    self._close += view[pos : pos + step]
                 self._skip -= step
                 pos += step
+                if not self._skip and self._close is not None:
+                    self._check_close()
                 continue
             header = self._header
+            if len(header) < 2:
+                take = min(2 - len(header), end - pos)
+                header += view[pos : pos + take]
+                pos += take
+                if len(header) < 2:
+                    continue
+                self._check_start(header[0], header[1])
             need = self._header_size()
             take = min(need - len(header), end - pos)
             header += view[pos : pos + take]
             pos += take
-            need = self._header_size()
             if len(header) < need:
                 continue
-            if not header[1] & 0x80:
-                raise ProtocolError("client frames must be masked")
             length = header[1] & 0x7F
             if length == 126:
                 length = _U16.unpack_from(header, 2)[0]
             elif length == 127:
                 length = _U64.unpack_from(header, 2)[0]
+                if length >> 63:
+                    raise ProtocolError("payload length has the most significant bit set")
+            if header[0] & 0x0F == Opcode.CLOSE and length:
+                self._close = bytearray(header[-4:])
             self._skip = length
             header.clear()
+
+    def _check_start(self, first: int, second: int) -> None:
+        if not second & 0x80:
+            raise ProtocolError("client frames must be masked")
+        opcode = first & 0x0F
+        if opcode not in _KNOWN_OPCODES:
+            raise ProtocolError(f"unknown opcode {opcode:#x}")
+        if opcode >= 0x8:
+            if first & 0x40:
+                raise ProtocolError("RSV1 set on a control frame")
+            return  # control frames may come between the fragments of a message
+        if opcode == Opcode.CONTINUATION:
+            if not self._in_message:
+                raise ProtocolError("continuation frame without a message to continue")
+        elif self._in_message:
+            raise ProtocolError("a new message began inside a fragmented one")
+        self._in_message = not first & 0x80
+
+    def _check_close(self) -> None:
+        assert self._close is not None
+        key, masked = bytes(self._close[:4]), bytes(self._close[4:])
+        self._close = None
+        parse_close_payload(apply_mask(key, masked))
 
     def _header_size(self) -> int:
         header = self._header

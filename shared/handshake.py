@@ -39,6 +39,8 @@ def validate_upgrade_request(method: str, headers: Mapping[str, str]) -> str:
     connection = ", ".join(getall("Connection", ())) if getall else headers.get("Connection", "")
     if "upgrade" not in _tokens(connection):
         raise HandshakeError("the Connection header must contain 'Upgrade'")
+    if headers.get("Transfer-Encoding") or headers.get("Content-Length", "0").strip() != "0":
+        raise HandshakeError("a WebSocket upgrade request has no body")
     version = headers.get("Sec-WebSocket-Version", "").strip()
     if version != WS_VERSION:
         raise HandshakeError(

@@ -51,39 +51,6 @@ TEXT, BINARY, CONT = int(Opcode.TEXT), int(Opcode.BINARY), int(Opcode.CONTINUATI
 CLOSE, PING, PONG = int(Opcode.CLOSE), int(Opcode.PING), int(Opcode.PONG)
 RSV1, RSV2, RSV3 = 0x40, 0x20, 0x10
 
-# Why each xfail fails: the RFC section, and what the node does instead.
-SHORT_UNMASKED = (
-    "RFC 6455 §5.1: an unmasked client frame must fail the connection with 1002. "
-    "roomcast bug: shared.frames.MaskChecker reads 6 header bytes (2 + mask key) before "
-    "looking at the MASK bit, so an unmasked frame shorter than 6 bytes is handed to "
-    "aiohttp (which does not check masking) and served"
-)
-MSB_LENGTH = (
-    "RFC 6455 §5.2: the most significant bit of a 64-bit payload length must be 0, so "
-    "this is a framing error (1002); aiohttp closes with 1009 instead"
-)
-EMPTY_FIRST_FRAGMENT = (
-    "RFC 6455 §5.4: once a fragmented message has begun, only continuation frames may "
-    "follow; aiohttp checks this by the bytes buffered so far, so after an empty first "
-    "fragment a new TEXT frame is accepted as a message"
-)
-UNSENDABLE_CLOSE_CODE = (
-    "RFC 6455 §7.4.1/§7.4.2: {code} may not appear in a close frame, so the node must "
-    "fail the connection with 1002; aiohttp accepts it and answers 1000"
-)
-RSV1_ON_CONTROL = (
-    "RFC 6455 §5.2 and RFC 7692 §6: permessage-deflate gives RSV1 a meaning only on the "
-    "first frame of a data message; on a control frame it is undefined and must fail the "
-    "connection with 1002; aiohttp ignores it 'for interop' and answers the ping"
-)
-BAD_DEFLATE = (
-    "RFC 6455 §7.4.1: 1000 means the purpose of the connection was fulfilled; a message "
-    "whose compressed data does not inflate must fail the connection (1002, as "
-    "shared.frames.inflate_message says, or 1007); aiohttp's zlib.error is not a "
-    "WebSocketError and it closes with 1000"
-)
-
-
 # --- frames no polite client sends --------------------------------------------------------
 
 
@@ -138,14 +105,12 @@ class Case:
 def _cases() -> Iterator[Case]:
     # Unmasked client frames (RFC 6455 §5.1). A long unmasked text frame is pinned by
     # test_raw_protocol; these are the short ones, and unmasked frames after masked ones.
-    yield Case("unmasked-short-text", frame(TEXT, b"hi", mask=False), 1002, xfail=SHORT_UNMASKED)
-    yield Case("unmasked-empty-binary", frame(BINARY, mask=False), 1002, xfail=SHORT_UNMASKED)
-    yield Case("unmasked-ping", frame(PING, b"p", mask=False), 1002, xfail=SHORT_UNMASKED)
-    yield Case("unmasked-close", frame(CLOSE, struct.pack("!H", 1000), mask=False), 1002,
-               xfail=SHORT_UNMASKED)
+    yield Case("unmasked-short-text", frame(TEXT, b"hi", mask=False), 1002)
+    yield Case("unmasked-empty-binary", frame(BINARY, mask=False), 1002)
+    yield Case("unmasked-ping", frame(PING, b"p", mask=False), 1002)
+    yield Case("unmasked-close", frame(CLOSE, struct.pack("!H", 1000), mask=False), 1002)
     yield Case("unmasked-short-continuation",
-               frame(TEXT, b"a", fin=False) + frame(CONT, b"b", mask=False), 1002,
-               xfail=SHORT_UNMASKED)
+               frame(TEXT, b"a", fin=False) + frame(CONT, b"b", mask=False), 1002)
     yield Case("unmasked-continuation",
                frame(TEXT, b"part", fin=False) + frame(CONT, b"unmasked tail", mask=False), 1002)
     yield Case("unmasked-ping-mid-message",
@@ -179,9 +144,7 @@ def _cases() -> Iterator[Case]:
     yield Case("close-reason-not-utf8", close(1000, b"bye \xff\xfe"), 1007)
     yield Case("close-reason-surrogate", close(1000, b"\xed\xa0\x80"), 1007)
     for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535):
-        accepted_by_aiohttp = code == 1006 or code >= 3000
-        yield Case(f"close-code-{code}", close(code), 1002,
-                   xfail=UNSENDABLE_CLOSE_CODE.format(code=code) if accepted_by_aiohttp else None)
+        yield Case(f"close-code-{code}", close(code), 1002)
 
     # Fragmentation (§5.4).
     yield Case("continuation-without-start", frame(CONT, b"x", fin=False), 1002)
@@ -198,7 +161,7 @@ def _cases() -> Iterator[Case]:
                frame(TEXT, b"a", fin=False) + frame(PING, b"p") + frame(BINARY, b"b"),
                1002, ((PONG, b"p"),))
     yield Case("text-after-empty-first-fragment",
-               frame(TEXT, b"", fin=False) + frame(TEXT, b"b"), 1002, xfail=EMPTY_FIRST_FRAGMENT)
+               frame(TEXT, b"", fin=False) + frame(TEXT, b"b"), 1002)
 
     # Size limit across fragments (inclusive; README "Limits and bad input").
     third = LIMIT // 3
@@ -234,8 +197,8 @@ def _cases() -> Iterator[Case]:
                ((PONG, b"p"), (TEXT, emoji)))
 
     # A 64-bit length with the most significant bit set (§5.2).
-    yield Case("length-msb-set", header(BINARY, 1 << 63), 1002, xfail=MSB_LENGTH)
-    yield Case("length-all-ones", header(TEXT, (1 << 64) - 1), 1002, xfail=MSB_LENGTH)
+    yield Case("length-msb-set", header(BINARY, 1 << 63), 1002)
+    yield Case("length-all-ones", header(TEXT, (1 << 64) - 1), 1002)
 
 
 def _deflate_cases() -> Iterator[Case]:
@@ -243,7 +206,7 @@ def _deflate_cases() -> Iterator[Case]:
     good = deflate_message(b"compressed hello")
     yield Case("deflate-message-is-served", frame(TEXT, good, rsv=RSV1), None,
                ((TEXT, b"compressed hello"),))
-    yield Case("deflate-rsv1-on-ping", frame(PING, b"p", rsv=RSV1), 1002, xfail=RSV1_ON_CONTROL)
+    yield Case("deflate-rsv1-on-ping", frame(PING, b"p", rsv=RSV1), 1002)
     yield Case("deflate-rsv1-on-continuation",
                frame(TEXT, good[:2], fin=False, rsv=RSV1) + frame(CONT, good[2:], rsv=RSV1), 1002)
     yield Case("deflate-rsv2", frame(TEXT, good, rsv=RSV1 | RSV2), 1002)
@@ -252,7 +215,7 @@ def _deflate_cases() -> Iterator[Case]:
                frame(BINARY, bomb[:8], fin=False, rsv=RSV1) + frame(CONT, bomb[8:]), 1009)
     yield Case("deflate-inflates-to-invalid-utf8",
                frame(TEXT, deflate_message(b"\xff\xfe" * 40), rsv=RSV1), 1007)
-    yield Case("deflate-garbage", frame(BINARY, b"\xff" * 16, rsv=RSV1), 1002, xfail=BAD_DEFLATE)
+    yield Case("deflate-garbage", frame(BINARY, b"\xff" * 16, rsv=RSV1), 1002)
 
 
 def _params(cases: Iterable[Case | Refusal]) -> list[Any]:
@@ -489,9 +452,6 @@ async def test_hostile_members_in_a_row_do_not_wear_the_node_down(node: NodeProc
 # --- a close frame without a status code -------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RFC 6455 §7.1.5: a close frame without a status code means the connection close code "
-    "is 1005; aiohttp reports it as 0 and Hub._serve passes that to on_close"))
 async def test_close_without_status_reports_1005(serve: Serve) -> None:
     """An empty close frame is valid: the node answers it, and on_close gets 1005."""
     closed: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
@@ -552,10 +512,6 @@ _FLOOD = b"".join(b"X-Flood-%d: %d\r\n" % (i, i) for i in range(300))
 _LONG_LINE = b"X-Long: " + b"a" * 65536 + b"\r\n"
 _H2C = {"Upgrade": "h2c", "Connection": "Upgrade, HTTP2-Settings",
         "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"}
-BODY_ON_GET = (
-    "an opening handshake is a GET without content (RFC 6455 §4.1; RFC 9110 §9.3.1: content "
-    "in a GET has no defined semantics); roomcast answers 101 to an upgrade with a body"
-)
 VERSION_13 = (("sec-websocket-version", "13"),)
 
 REFUSALS = [
@@ -571,11 +527,10 @@ REFUSALS = [
     Refusal("header-flood-300", _upgrade(extra=_FLOOD), None),
     Refusal("header-line-64k", _upgrade(extra=_LONG_LINE), None),
     Refusal("body-content-length",
-            _upgrade(headers={"Content-Length": "11"}, body=b"hello there"), None,
-            xfail=BODY_ON_GET),
+            _upgrade(headers={"Content-Length": "11"}, body=b"hello there"), None),
     Refusal("body-chunked",
             _upgrade(headers={"Transfer-Encoding": "chunked"}, body=b"5\r\nhello\r\n0\r\n\r\n"),
-            None, xfail=BODY_ON_GET),
+            None),
 ]
 
 NOT_HTTP = {
