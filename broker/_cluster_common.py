@@ -243,6 +243,7 @@ class ShardPipeliner:
         queue = self._queues.get(node.name)
         if queue is None:
             queue = self._queues[node.name] = _MasterQueue(self)
+        queue.node = node  # the slot map may have a new object for the same address
         return await queue.execute(commands)
 
     async def drain(self) -> None:
@@ -256,6 +257,7 @@ class _MasterQueue:
 
     def __init__(self, owner: ShardPipeliner) -> None:
         self._owner = owner
+        self.node: ClusterNode | None = None
         self._commands: list[Command] = []
         self._waiters: list[tuple[asyncio.Future[list[Any]], int, int]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -281,8 +283,10 @@ class _MasterQueue:
             try:
                 async with asyncio.timeout(2 * owner._timeout):
                     pipe = owner._client.pipeline(transaction=False)
+                    # routed already: redis-py need not hash every command again; a
+                    # MOVED reply is still followed, one command at a time
                     for command in commands:
-                        pipe.execute_command(*command)
+                        pipe.execute_command(*command, target_nodes=self.node)
                     replies = await pipe.execute(raise_on_error=False)
                 owner.batches += 1
             except asyncio.CancelledError:
