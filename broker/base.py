@@ -1,7 +1,8 @@
 """The broker interface: how a node reaches the other nodes.
 
-A broker carries envelopes between nodes and keeps cluster-wide room presence. Two
-implementations honour it: ``MemoryBroker`` (one process) and ``RedisBroker``.
+A broker carries envelopes between nodes and keeps cluster-wide room presence. Three
+implementations honour it: ``MemoryBroker`` (one process), ``RedisBroker`` and
+``RedisClusterBroker`` (Redis Cluster, sharded pub/sub).
 The hub is their only caller and makes calls for one room in order.
 
 Failures: ``publish`` raises PublishError and ``room_members`` raises BrokerError when

@@ -31,6 +31,9 @@ Data = str | bytes
 """A message: ``str`` is sent as a text frame, ``bytes`` as a binary frame."""
 
 
+_CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
 class Publisher:
     """Sends envelopes to the nodes sharing ``prefix`` on Redis at ``url``; not a node.
 
@@ -47,6 +50,9 @@ class Publisher:
         presence_ttl: float = 5.0,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
     ) -> None:
+        if isinstance(url, str) and url.lower().startswith(_CLUSTER_SCHEMES):
+            raise ValueError("Publisher takes redis://, rediss:// and unix:// URLs; for a "
+                             "Redis Cluster use broker.ClusterPublisher (same methods)")
         if isinstance(presence_ttl, bool) or not isinstance(presence_ttl, int | float):
             raise TypeError(f"presence_ttl must be a number, got {type(presence_ttl).__name__}")
         if not presence_ttl > 0:

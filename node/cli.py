@@ -87,7 +87,8 @@ _SERVE_OPTIONS = [
     _Option("--host", "ROOMCAST_HOST", str, "0.0.0.0", "address to listen on"),
     _Option("--port", "ROOMCAST_PORT", _port, 8080, "port to listen on"),
     _Option("--redis", "ROOMCAST_REDIS", str, None,
-            "broker URL: redis://, rediss:// or unix://; none runs one node in-process"),
+            "broker URL: redis://, rediss://, unix:// or redis+cluster://h1:p1,h2:p2 "
+            "(Redis Cluster); none runs one node in-process"),
     _Option("--redis-prefix", "ROOMCAST_REDIS_PREFIX", str, "roomcast",
             "prefix of every Redis channel and key (deployments sharing a Redis differ)"),
     _Option("--heartbeat-ms", "ROOMCAST_HEARTBEAT_MS", _positive, 1000,

@@ -122,3 +122,9 @@ async def test_publisher_recovers_when_redis_comes_back(
         await eventually(lambda: a.broker.connected)
         await pub.broadcast("back")
     await a.inbox.wait_for_payload(b"back")
+
+
+def test_publisher_refuses_a_cluster_url_and_names_the_right_class() -> None:
+    """Publisher given a cluster URL says to use ClusterPublisher."""
+    with pytest.raises(ValueError, match="ClusterPublisher"):
+        Publisher("redis+cluster://127.0.0.1:7000")
