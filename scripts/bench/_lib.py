@@ -37,6 +37,10 @@ SERVERS = {
     "reference": BENCH / "reference_node.py",
     "socketio": BENCH / "socketio_node.py",
 }
+if os.environ.get("BENCH_BEFORE"):
+    # An older checkout (with this roomcast_node.py copied in) as the server "before",
+    # to compare a change side by side: BENCH_BEFORE=/path/to/old/tree.
+    SERVERS["before"] = Path(os.environ["BENCH_BEFORE"]) / "scripts/bench/roomcast_node.py"
 SIO_PREFIX = b'42["msg","'
 """What python-socketio puts before the payload of a ``msg`` event (JSON string)."""
 

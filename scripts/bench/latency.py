@@ -32,6 +32,8 @@ class LatencyResult:
     delivered: int = 0
     cpu: float = 0.0
     stamps: list[float] = field(default_factory=list)
+    local: list[float] = field(default_factory=list)
+    """Receipts on the publisher's own node."""
 
     @property
     def us_per_delivery(self) -> float:
@@ -50,6 +52,7 @@ class _Setup:
     cluster: _lib.Cluster
     clients: list[_lib.Client]
     stamps: list[float]
+    local: list[float]
 
 
 async def _round(setup: _Setup, result: LatencyResult, members: int, seconds: float,
@@ -58,6 +61,7 @@ async def _round(setup: _Setup, result: LatencyResult, members: int, seconds: fl
     for c in clients:
         c.frames = 0
     setup.stamps.clear()
+    setup.local.clear()
     count = int(rate * seconds)
     loop = asyncio.get_running_loop()
     cpu0 = setup.cluster.cpu()
@@ -70,6 +74,7 @@ async def _round(setup: _Setup, result: LatencyResult, members: int, seconds: fl
     result.expected += count * members
     result.delivered += delivered
     result.stamps += setup.stamps
+    result.local += setup.local
     await asyncio.sleep(0.5)
 
 
@@ -83,11 +88,13 @@ async def run(servers: list[str], members: int = 1000, rate: int = 50, seconds: 
             cluster = stack.enter_context(_lib.Cluster(server))
             half = members // 2
             stamps: list[float] = []
-            clients = await _lib.connect(server, cluster.ports[0], half, "fanout")
+            local: list[float] = []
+            clients = await _lib.connect(server, cluster.ports[0], half, "fanout",
+                                         stamps=local)
             stack.callback(_lib.close_all, clients)
             clients += await _lib.connect(server, cluster.ports[1], members - half, "fanout",
                                           stamps=stamps)
-            setups[server] = _Setup(cluster, clients, stamps)
+            setups[server] = _Setup(cluster, clients, stamps, local)
         await asyncio.sleep(1.0)
         for r in range(rounds):
             order = servers[r % len(servers):] + servers[:r % len(servers)]
@@ -98,10 +105,13 @@ async def run(servers: list[str], members: int = 1000, rate: int = 50, seconds: 
 
 def report(results: list[LatencyResult]) -> None:
     print(f"{'server':<12}{'delivered/expected':>22}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-          f"{'CPU us/delivery':>18}")
+          f"{'CPU us/delivery':>18}{'same-node p50/p99 ms':>23}")
     for r in results:
+        same = (f"{_lib.percentile(r.local, 0.5) * 1e3:.1f} / "
+                f"{_lib.percentile(r.local, 0.99) * 1e3:.1f}")
         print(f"{r.server:<12}{f'{r.delivered}/{r.expected}':>22}{r.quantile(0.5) * 1e3:>9.1f}"
-              f"{r.quantile(0.99) * 1e3:>9.1f}{r.max * 1e3:>9.1f}{r.us_per_delivery:>18.2f}")
+              f"{r.quantile(0.99) * 1e3:>9.1f}{r.max * 1e3:>9.1f}{r.us_per_delivery:>18.2f}"
+              f"{same:>23}")
 
 
 def main() -> None:

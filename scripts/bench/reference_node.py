@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+import _gcprobe
 import redis.asyncio as redis
 from aiohttp import WSMsgType, web
 
@@ -30,6 +31,7 @@ def frame(payload: bytes, opcode: int) -> bytes:
 
 
 def main() -> None:
+    _gcprobe.install()
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)

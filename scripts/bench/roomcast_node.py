@@ -17,6 +17,8 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import _gcprobe
+
 from broker import create_broker
 from node import Connection, EventHandler, Hub, HubConfig, Message, get_hub
 
@@ -63,6 +65,7 @@ def instrument(hub: Hub) -> None:
 
 
 def main() -> None:
+    _gcprobe.install()
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)

@@ -13,11 +13,13 @@ import json
 import time
 from urllib.parse import parse_qs
 
+import _gcprobe
 import socketio
 from aiohttp import web
 
 
 def main() -> None:
+    _gcprobe.install()
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
