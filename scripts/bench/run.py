@@ -50,11 +50,15 @@ def latency_table(results: list[latency.LatencyResult], members: int) -> None:
     rate = results[0].rate if results else 0
     print(f"\n### Latency, {rate} msg/s into {members:,} members "
           f"({rate * members:,} deliveries/s), publish to receipt on the other node\n")
-    print("| server | delivered / expected | p50 ms | p99 ms | max ms | CPU µs per delivery |")
-    print("|---|---|---|---|---|---|")
+    print("| server | delivered / expected | p50 ms | p99 ms | max ms | CPU µs per delivery "
+          "| same node p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
+        same = (f"{_lib.percentile(r.local, 0.5) * 1e3:.1f} / "
+                f"{_lib.percentile(r.local, 0.99) * 1e3:.1f}")
         print(f"| {r.server} | {r.delivered:,} / {r.expected:,} | {r.quantile(0.5) * 1e3:.1f} | "
-              f"{r.quantile(0.99) * 1e3:.1f} | {r.max * 1e3:.1f} | {r.us_per_delivery:.2f} |")
+              f"{r.quantile(0.99) * 1e3:.1f} | {r.max * 1e3:.1f} | {r.us_per_delivery:.2f} "
+              f"| {same} |")
 
 
 def onenode_table(results: list[onenode.OneNodeResult], ping: float) -> None:
