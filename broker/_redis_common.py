@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+from collections import deque
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -166,7 +168,115 @@ class _Batch:
             reply.cancel()
 
 
-async def publish_bytes(pipeliner: Pipeliner, url: str, channel: str, data: bytes) -> None:
+class PublishLink:
+    """Commands on a connection of their own, written in the caller's loop turn.
+
+    ``execute`` puts its commands on the wire before it first suspends, and one reader
+    task hands the replies back in order. A hub that queues frames for its own members
+    and then publishes therefore sends the envelope before those members' writes run,
+    so the other nodes deliver while this one does. Commands from concurrent callers
+    are pipelined on the one connection, in call order.
+
+    A caller that is cancelled only stops waiting. A reply that does not come within
+    twice the socket timeout, or a broken connection, fails every waiting caller and
+    drops the connection; the next call connects again.
+    """
+
+    def __init__(self, client: aioredis.Redis, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._conn: AbstractConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._opening: asyncio.Lock | None = None
+        self._closed = False
+
+    async def execute(self, *commands: Command) -> list[Any]:
+        """Send ``commands`` now and return their replies (an error reply as an exception)."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            conn = await self._open()
+        loop = asyncio.get_running_loop()
+        replies = [loop.create_future() for _ in commands]
+        self._waiting.extend(replies)
+        packed = conn.pack_commands(commands) if len(commands) > 1 else conn.pack_command(
+            *commands[0])
+        try:
+            # no socket timeout on this connection: the write does not suspend
+            await conn.send_packed_command(packed, check_health=False)
+        except BaseException as exc:
+            await self._drop(conn, exc)
+            raise
+        try:
+            async with asyncio.timeout(2 * self._timeout):
+                return [await reply for reply in replies]
+        except TimeoutError as exc:
+            await self._drop(conn, exc)
+            raise
+
+    async def close(self) -> None:
+        """Fail whoever still waits and close the connection; idempotent."""
+        self._closed = True
+        if self._conn is not None:
+            await self._drop(self._conn, RedisConnectionError("the publish link was closed"))
+
+    async def _open(self) -> AbstractConnection:
+        if self._closed:
+            raise RedisConnectionError("the publish link was closed")
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            conn = self._conn
+            if conn is not None and conn.is_connected:
+                return conn
+            async with asyncio.timeout(2 * self._timeout):
+                conn = await open_connection(self._client)
+            conn.socket_timeout = None  # replies are bounded in execute(), writes never wait
+            self._conn = conn
+            self._reader = asyncio.create_task(self._read(conn), name="roomcast-redis-publish")
+            return conn
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        waiting = self._waiting
+        try:
+            while True:
+                try:
+                    reply: Any = await conn.read_response(
+                        timeout=math.inf, disconnect_on_error=False)
+                except ResponseError as exc:
+                    reply = exc
+                if not waiting:
+                    raise RedisConnectionError("a reply nobody asked for")
+                future = waiting.popleft()
+                if not future.done():  # done: its caller was cancelled
+                    future.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._drop(conn, exc)
+
+    async def _drop(self, conn: AbstractConnection, exc: BaseException) -> None:
+        if self._conn is not conn:
+            return
+        self._conn = None
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        waiting, self._waiting = self._waiting, deque()
+        error = exc if isinstance(exc, Exception) else RedisConnectionError(str(exc))
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # a caller that went away must not leave it unretrieved
+        with contextlib.suppress(*TRANSPORT_ERRORS):
+            await conn.disconnect(nowait=True)
+
+
+class _Executes(Protocol):
+    async def execute(self, *commands: Command) -> list[Any]: ...
+
+
+async def publish_bytes(pipeliner: _Executes, url: str, channel: str, data: bytes) -> None:
     """PUBLISH ``data`` on ``channel`` through ``pipeliner``; PublishError if not made."""
     try:
         (reply,) = await pipeliner.execute(("PUBLISH", channel, data))

@@ -25,6 +25,7 @@ from broker._redis_common import (
     TRANSPORT_ERRORS,
     Command,
     Pipeliner,
+    PublishLink,
     describe_failure,
     make_client,
     open_connection,
@@ -138,6 +139,7 @@ class RedisBroker:
         self._safe_url = redact_url(url)
         self._client = make_client(url, socket_timeout)
         self._pipeliner = Pipeliner(self._client, socket_timeout)
+        self._publish_link = PublishLink(self._client, socket_timeout)
         self._heartbeat_interval = float(heartbeat_interval)
         self._presence_ttl = float(presence_ttl)
         self._reconnect_max_delay = float(reconnect_max_delay)
@@ -239,6 +241,7 @@ class RedisBroker:
                     self._presence_ttl + self._heartbeat_interval,
                 )
         await self._pipeliner.drain()
+        await self._publish_link.close()
         if self._conn is not None:
             await self._drop_link(self._conn)
         self._presence.clear()
@@ -252,12 +255,15 @@ class RedisBroker:
     async def publish(self, envelope: Envelope) -> None:
         """PUBLISH ``envelope`` on its one channel, pipelined with concurrent publishes.
 
-        Raises PublishError (and counts it) if Redis did not take it.
+        The command is written before this first suspends (``PublishLink``), so it leaves
+        ahead of the local members' writes the hub queued just before. Raises
+        PublishError (and counts it) if Redis did not take it.
         """
         self._require_running()
         try:
             await publish_bytes(
-                self._pipeliner, self._url, self._keys.channel_for(envelope), encode(envelope)
+                self._publish_link, self._url, self._keys.channel_for(envelope),
+                encode(envelope),
             )
         except PublishError as exc:
             self.publish_failures += 1
