@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -41,6 +42,9 @@ if os.environ.get("BENCH_BEFORE"):
     # An older checkout (with this roomcast_node.py copied in) as the server "before",
     # to compare a change side by side: BENCH_BEFORE=/path/to/old/tree.
     SERVERS["before"] = Path(os.environ["BENCH_BEFORE"]) / "scripts/bench/roomcast_node.py"
+KEEPALIVE: Final = ("--ping-interval", "25")
+"""Every server pings each client every 25 s (python-socketio's default) in the
+fan-out and latency workloads, so keepalive costs all of them alike."""
 SIO_PREFIX = b'42["msg","'
 """What python-socketio puts before the payload of a ``msg`` event (JSON string)."""
 

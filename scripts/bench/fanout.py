@@ -90,8 +90,8 @@ async def run(servers: list[str], members: int = 1000, messages: int = 300, size
         for server in servers:
             kind, _, option = server.partition("+")
             deflate = compression or option == "deflate"
-            cluster = stack.enter_context(
-                _lib.Cluster(kind, extra=["--compression"] if deflate else []))
+            extra = [*_lib.KEEPALIVE, *(["--compression"] if deflate else [])]
+            cluster = stack.enter_context(_lib.Cluster(kind, extra=extra))
             half = members // 2
             clients = await _lib.connect(kind, cluster.ports[0], half, "fanout",
                                          deflate=deflate)

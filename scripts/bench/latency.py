@@ -85,7 +85,7 @@ async def run(servers: list[str], members: int = 1000, rate: int = 50, seconds: 
     results = {s: LatencyResult(s, rate) for s in servers}
     with contextlib.ExitStack() as stack:
         for server in servers:
-            cluster = stack.enter_context(_lib.Cluster(server))
+            cluster = stack.enter_context(_lib.Cluster(server, extra=_lib.KEEPALIVE))
             half = members // 2
             stamps: list[float] = []
             local: list[float] = []
