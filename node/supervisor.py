@@ -80,6 +80,8 @@ class Supervisor:
             time.sleep(_POLL_SECONDS)
             now = time.monotonic()
             for slot, proc in list(self._workers.items()):
+                if self._stopping:
+                    break  # a signal arrived during this pass: exits are expected now
                 if slot in restart_at:
                     if now >= restart_at[slot] and not self._stopping:
                         del restart_at[slot]
