@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -29,6 +29,8 @@ DEFAULT_SOCKET_TIMEOUT: Final = 2.0
 
 Command = tuple[str | bytes | int | float, ...]
 
+POOL_SIZE: Final = 16
+"""Command connections per client at most (pub/sub links are separate)."""
 TRANSPORT_ERRORS: Final = (RedisError, OSError, asyncio.TimeoutError)
 """What a Redis call raises when the server is down, frozen, or refuses the command."""
 
@@ -44,14 +46,19 @@ def make_client(url: str, socket_timeout: float) -> aioredis.Redis:
     if not isinstance(socket_timeout, int | float) or not socket_timeout > 0:
         raise ValueError(f"socket_timeout must be a number > 0, got {socket_timeout!r}")
     try:
-        client = aioredis.from_url(
+        # A bounded pool: a burst of concurrent calls (every join's room_size) waits
+        # for a connection instead of opening, and keeping, one each.
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_SIZE,
+            timeout=socket_timeout,
             protocol=2,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
+        client = aioredis.Redis.from_pool(pool)
     except ValueError as exc:
         raise ValueError(f"invalid Redis URL {redact_url(url)}: {exc}") from None
     # options in the URL's query win over ours; refuse those the pub/sub reader can't parse
@@ -213,6 +220,12 @@ class PublishLink:
         except TimeoutError as exc:
             await self._drop(conn, exc)
             raise
+
+    async def connect(self) -> None:
+        """Open the connection now, so that the first command does not wait for it."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            await self._open()
 
     async def close(self) -> None:
         """Fail whoever still waits and close the connection; idempotent."""

@@ -165,6 +165,9 @@ class RedisBroker:
         self._presence_dirty = False
         self._last_warning: dict[str, float] = {}
 
+        self._publish_down: str | None = None
+        """Why publishes fail fast, from a failed publish until the next heartbeat."""
+
         self.published = 0
         self.received = 0
         self.dropped = 0
@@ -203,6 +206,7 @@ class RedisBroker:
             conn = await self._open_pubsub()
             try:
                 await self._heartbeat()
+                await self._publish_link.connect()
             except BaseException:
                 await self._drop_link(conn)
                 raise
@@ -260,6 +264,12 @@ class RedisBroker:
         PublishError (and counts it) if Redis did not take it.
         """
         self._require_running()
+        if self._publish_down is not None:
+            # Redis failed the last publish: fail at once until a heartbeat gets through,
+            # rather than making every caller wait out the socket timeout (a frozen Redis
+            # would otherwise stall each handler that awaits its broadcast).
+            self.publish_failures += 1
+            raise PublishError(self._publish_down)
         try:
             await publish_bytes(
                 self._publish_link, self._url, self._keys.channel_for(envelope),
@@ -267,6 +277,7 @@ class RedisBroker:
             )
         except PublishError as exc:
             self.publish_failures += 1
+            self._publish_down = f"{exc} (failing fast until Redis answers a heartbeat)"
             self._warn("publish", "cross-node publish failed (%d so far): %s",
                        self.publish_failures, exc)
             raise
@@ -400,6 +411,7 @@ class RedisBroker:
         if isinstance(reply, Exception):
             raise reply
         added, dead = reply
+        self._publish_down = None  # Redis answers again: publishes may try again
         if dead:
             log.info("removed the presence of dead nodes %s",
                      ", ".join(_text(n) for n in dead))

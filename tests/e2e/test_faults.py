@@ -296,13 +296,6 @@ STALL_BOUND = 2 * SOCKET_TIMEOUT + 0.5
 """A publish to a frozen Redis fails within two socket timeouts (connect + reply)."""
 
 
-@pytest.mark.xfail(
-    strict=True, raises=LocalDeliveryStalled,
-    reason="bug: while Redis is frozen every publish waits for the socket timeout before "
-           "it fails, so a handler that awaits its broadcast (the chat demo) passes on one "
-           "message of a sender per 2-4 s: local delivery nearly stops for the whole "
-           "freeze. Fix proposed: RedisBroker.publish fails at once after a failed publish "
-           "until the next heartbeat succeeds.")
 @pytest.mark.timeout(60)
 async def test_redis_frozen_local_delivery_keeps_its_pace() -> None:
     """Redis frozen for 8 s: after the first publish has timed out (at most two socket
@@ -749,16 +742,10 @@ class TooManyRedisConnections(AssertionError):
 
 
 BURST = 60
-REDIS_CONNECTION_BOUND = 17
-"""A pub/sub link and a command pool of at most 16 connections."""
+REDIS_CONNECTION_BOUND = 18
+"""A pub/sub link, the publish link and a command pool of at most 16 connections."""
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TooManyRedisConnections,
-    reason="bug: the Redis command pool has no upper bound; every concurrent room_size "
-           "call (each chat join/leave notice) takes a connection of its own, and the pool "
-           "keeps them all, idle, for ever: a burst of N joins leaves ~N fds to Redis on "
-           "the node. Fix proposed: a BlockingConnectionPool of at most 16 in make_client.")
 @pytest.mark.timeout(60)
 async def test_burst_of_joins_leaves_no_pile_of_redis_connections() -> None:
     """60 members join one node at once (as the clients of a dead node reconnect), then
