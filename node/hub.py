@@ -461,6 +461,8 @@ class Hub:
             if conn is None:
                 return False
             conn.send_prepared(prepared)
+            if not conn.is_open:  # this frame took it over its limit: cut off, dropped
+                return False
             self.stats.messages_out += 1
             self.stats.bytes_out += len(prepared.payload)
             return True
@@ -486,29 +488,26 @@ class Hub:
             frame_for = prepared.frame_for
             for conn in members:
                 if conn.state is open_state and conn.id != exclude:
-                    count += 1
                     if conn._push(frame_for(conn.wbits)):
                         dirty.append(conn)
-        elif exclude is None:
+                    if conn.state is open_state:  # not cut off as a slow consumer
+                        count += 1
+        else:
             frame = prepared.frame
             size = len(frame)
             for conn in members:
-                if conn.state is open_state:
-                    count += 1
+                if conn.state is open_state and (exclude is None or conn.id != exclude):
                     # Connection._push inlined for its most common case: the first
                     # frame of the turn, well within the limit.
                     if conn._out is None and conn._backlog + size <= conn._limit:
                         conn._out, conn._out_size = frame, size
                         dirty.append(conn)
-                    elif conn._push(frame):
-                        dirty.append(conn)
-        else:
-            frame = prepared.frame
-            for conn in members:
-                if conn.state is open_state and conn.id != exclude:
-                    count += 1
+                        count += 1
+                        continue
                     if conn._push(frame):
                         dirty.append(conn)
+                    if conn.state is open_state:  # not cut off as a slow consumer
+                        count += 1
         if dirty and not self._flush_scheduled:
             self._flush_scheduled = True
             (self._loop or asyncio.get_running_loop()).call_soon(self._flush_all)

@@ -250,7 +250,8 @@ async def test_a_reader_that_keeps_up_is_never_cut_off(
 async def test_one_turn_over_the_limit_cuts_off_before_anything_is_written(
     make_node: Callable[..., Awaitable[Node]],
 ) -> None:
-    """Queuing more than the limit in one turn drops the member; nothing is buffered."""
+    """Queuing more than the limit in one turn drops the member; nothing is buffered,
+    and only what was queued counts as delivered."""
     node = await make_node(send_buffer_limit=10_000)
     sock, conn = await raw_client(node)
     writes = Writes()
@@ -261,8 +262,29 @@ async def test_one_turn_over_the_limit_cuts_off_before_anything_is_written(
         assert conn.state is ConnectionState.CLOSING
         assert conn._out is None and conn._out_size == 0
         assert node.hub.stats.slow_consumers == 1
+        # counted: the three that were queued, not the one that tipped it nor the last
+        assert node.hub.stats.messages_out == 3
+        assert node.hub.stats.bytes_out == 3 * 3000
+        assert not await node.hub.send_to(conn.id, "gone")
         await asyncio.wait_for(node.closed.get(), 5)
         assert writes.calls[conn.id] == []
+    finally:
+        sock.close()
+
+
+async def test_send_that_tips_a_member_over_is_not_counted_as_sent(
+    make_node: Callable[..., Awaitable[Node]],
+) -> None:
+    """send_to returns False when its own frame gets the member cut off."""
+    node = await make_node(send_buffer_limit=10_000)
+    sock, conn = await raw_client(node)
+    try:
+        assert await node.hub.send_to(conn.id, "s" * 6000)
+        assert not await node.hub.send_to(conn.id, "s" * 6000)
+        assert conn.state is ConnectionState.CLOSING
+        assert node.hub.stats.slow_consumers == 1
+        assert node.hub.stats.messages_out == 1
+        await asyncio.wait_for(node.closed.get(), 5)
     finally:
         sock.close()
 
