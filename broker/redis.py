@@ -13,13 +13,13 @@ import contextlib
 import logging
 import math
 import random
-import time
 from collections.abc import Iterable
 from typing import Any, Final
 
 from redis.asyncio.connection import AbstractConnection
 
 from broker._keys import Keys, redact_url
+from broker._receiving import EnvelopeReceiver
 from broker._redis_common import (
     DEFAULT_SOCKET_TIMEOUT,
     TRANSPORT_ERRORS,
@@ -33,15 +33,13 @@ from broker._redis_common import (
     read_room_members,
 )
 from broker.base import Deliver
-from shared.envelope import Envelope, Kind, decode, encode
-from shared.errors import BrokerError, EnvelopeError, PublishError
+from shared.envelope import Envelope, encode
+from shared.errors import BrokerError, PublishError
 from shared.ids import ConnectionId, NodeId, Room, node_of, validate_node_id, validate_room
 
 log = logging.getLogger("roomcast.broker.redis")
 
 _FIRST_RECONNECT_DELAY: Final = 0.1
-_WARN_EVERY: Final = 1.0
-"""Seconds between two warnings of one kind (failed publishes, garbage received)."""
 
 # clear_node(): delete every presence entry of one node; used inside the scripts below,
 # each of which Redis runs atomically.
@@ -100,7 +98,7 @@ return 1
 )
 
 
-class RedisBroker:
+class RedisBroker(EnvelopeReceiver):
     """A Broker that reaches the other nodes through Redis at ``url``.
 
     Presence timing: a node that dies without ``close()`` (SIGKILL, power loss) drops out
@@ -567,47 +565,6 @@ class RedisBroker:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-    def _on_message(self, data: bytes) -> None:
-        try:
-            envelope = decode(data)
-        except EnvelopeError as exc:
-            self.dropped += 1
-            self._warn("dropped", "dropped an invalid envelope from Redis (%d so far): %s",
-                       self.dropped, exc)
-            return
-        except Exception:
-            # anyone can PUBLISH on our channels: a decoder bug must not kill the link
-            self.dropped += 1
-            log.exception("dropped an envelope the decoder choked on (%d so far)", self.dropped)
-            return
-        if envelope.origin and envelope.origin == self._node:
-            return  # our own publish: the hub already delivered it locally
-        if envelope.kind is Kind.ROOM and envelope.target not in self._desired:
-            return  # in flight when the room's last local member left
-        self.received += 1
-        if self._deliver is None:
-            return
-        try:
-            self._deliver(envelope)
-        except Exception:
-            log.exception("deliver callback raised for a %s envelope; listener goes on",
-                          envelope.kind.name)
-
-    # -- helpers ---------------------------------------------------------------------
-
-    def _require_running(self) -> NodeId:
-        if self._closed:
-            raise BrokerError("this RedisBroker is closed")
-        if self._node is None:
-            raise BrokerError("this RedisBroker is not started; call start() first")
-        return self._node
-
-    def _warn(self, topic: str, message: str, *args: object) -> None:
-        # an outage fails every call; one warning per second per topic is enough
-        now = time.monotonic()
-        if now - self._last_warning.get(topic, -_WARN_EVERY) >= _WARN_EVERY:
-            self._last_warning[topic] = now
-            log.warning(message, *args)
 
 
 async def _disconnect(conn: AbstractConnection) -> None:

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 from broker._cluster_common import (
     CLUSTER_ERRORS,
@@ -38,24 +38,23 @@ from broker._cluster_common import (
 )
 from broker._cluster_pubsub import ShardSubscriber
 from broker._keys import Keys, redact_url
+from broker._receiving import EnvelopeReceiver
 from broker._redis_common import DEFAULT_SOCKET_TIMEOUT, Command
 from broker.base import Deliver
 from broker.redis import _HEARTBEAT_LUA, _RESYNC_LUA, _WITHDRAW_LUA
-from shared.envelope import Envelope, Kind, decode, encode
-from shared.errors import BrokerError, EnvelopeError, PublishError
+from shared.envelope import Envelope, Kind, encode
+from shared.errors import BrokerError, PublishError
 from shared.ids import ConnectionId, NodeId, Room, node_of, validate_node_id, validate_room
 
 __all__ = ["ClusterPublisher", "RedisClusterBroker"]
 
 log = logging.getLogger("roomcast.broker.redis_cluster")
 
-_WARN_EVERY: Final = 1.0
-"""Seconds between two warnings of one kind (failed publishes, garbage received)."""
 
 Data = str | bytes
 
 
-class RedisClusterBroker:
+class RedisClusterBroker(EnvelopeReceiver):
     """A Broker that reaches the other nodes through the Redis Cluster at ``url``.
 
     Timing, failure rules and stats are those of ``RedisBroker``: a node that dies
@@ -368,47 +367,6 @@ class RedisClusterBroker:
 
     # -- receiving -------------------------------------------------------------------
 
-    def _on_message(self, data: bytes) -> None:
-        try:
-            envelope = decode(data)
-        except EnvelopeError as exc:
-            self.dropped += 1
-            self._warn("dropped", "dropped an invalid envelope from Redis (%d so far): %s",
-                       self.dropped, exc)
-            return
-        except Exception:
-            # anyone can SPUBLISH on our channels: a decoder bug must not kill the link
-            self.dropped += 1
-            log.exception("dropped an envelope the decoder choked on (%d so far)", self.dropped)
-            return
-        if envelope.origin and envelope.origin == self._node:
-            return  # our own publish: the hub already delivered it locally
-        if envelope.kind is Kind.ROOM and envelope.target not in self._desired:
-            return  # in flight when the room's last local member left
-        self.received += 1
-        if self._deliver is None:
-            return
-        try:
-            self._deliver(envelope)
-        except Exception:
-            log.exception("deliver callback raised for a %s envelope; listener goes on",
-                          envelope.kind.name)
-
-    # -- helpers ---------------------------------------------------------------------
-
-    def _require_running(self) -> NodeId:
-        if self._closed:
-            raise BrokerError("this RedisClusterBroker is closed")
-        if self._node is None:
-            raise BrokerError("this RedisClusterBroker is not started; call start() first")
-        return self._node
-
-    def _warn(self, topic: str, message: str, *args: object) -> None:
-        # an outage fails every call; one warning per second per topic is enough
-        now = time.monotonic()
-        if now - self._last_warning.get(topic, -_WARN_EVERY) >= _WARN_EVERY:
-            self._last_warning[topic] = now
-            log.warning(message, *args)
 
 
 class ClusterPublisher:
