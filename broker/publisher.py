@@ -34,6 +34,21 @@ Data = str | bytes
 _CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
+def external_envelope(kind: Kind, target: str, data: Data, exclude: str | None) -> Envelope:
+    """The envelope a process that is not a node publishes (no origin node)."""
+    if isinstance(data, str):
+        payload, binary = data.encode(), False
+    elif isinstance(data, bytes | bytearray | memoryview):
+        payload, binary = bytes(data), True
+    else:
+        raise TypeError(f"data must be str or bytes, got {type(data).__name__}")
+    if exclude is not None:
+        node_of(exclude)
+    return Envelope(
+        kind, target, payload, binary, origin="", exclude=exclude or "", sent_at=time.time()
+    )
+
+
 class Publisher:
     """Sends envelopes to the nodes sharing ``prefix`` on Redis at ``url``; not a node.
 
@@ -115,18 +130,7 @@ class Publisher:
 
     async def _publish(self, kind: Kind, target: str, data: Data, exclude: str | None) -> None:
         self._require_open()
-        if isinstance(data, str):
-            payload, binary = data.encode(), False
-        elif isinstance(data, bytes | bytearray | memoryview):
-            payload, binary = bytes(data), True
-        else:
-            raise TypeError(f"data must be str or bytes, got {type(data).__name__}")
-        if exclude is not None:
-            node_of(exclude)
-        envelope = Envelope(
-            kind, target, payload, binary, origin="", exclude=exclude or "",
-            sent_at=time.time(),
-        )
+        envelope = external_envelope(kind, target, data, exclude)
         try:
             await publish_bytes(
                 self._pipeliner, self._url, self._keys.channel_for(envelope), encode(envelope)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -41,6 +40,7 @@ from broker._keys import Keys, redact_url
 from broker._receiving import EnvelopeReceiver
 from broker._redis_common import DEFAULT_SOCKET_TIMEOUT, Command
 from broker.base import Deliver
+from broker.publisher import external_envelope
 from broker.redis import _HEARTBEAT_LUA, _RESYNC_LUA, _WITHDRAW_LUA
 from shared.envelope import Envelope, Kind, encode
 from shared.errors import BrokerError, PublishError
@@ -447,18 +447,7 @@ class ClusterPublisher:
 
     async def _publish(self, kind: Kind, target: str, data: Data, exclude: str | None) -> None:
         self._require_open()
-        if isinstance(data, str):
-            payload, binary = data.encode(), False
-        elif isinstance(data, bytes | bytearray | memoryview):
-            payload, binary = bytes(data), True
-        else:
-            raise TypeError(f"data must be str or bytes, got {type(data).__name__}")
-        if exclude is not None:
-            node_of(exclude)
-        envelope = Envelope(
-            kind, target, payload, binary, origin="", exclude=exclude or "",
-            sent_at=time.time(),
-        )
+        envelope = external_envelope(kind, target, data, exclude)
         try:
             await spublish_bytes(
                 self._pipeliner, self._url, self._keys.channel_for(envelope), encode(envelope)
