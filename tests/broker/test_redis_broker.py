@@ -204,17 +204,16 @@ async def test_all_reaches_every_other_node_and_own_echo_is_ignored(
     assert a.broker.received == 1
 
 
-async def test_concurrent_publishes_are_pipelined_and_keep_order(make_node: MakeNode) -> None:
-    """Hundreds of concurrent publishes travel in few pipelines and arrive in order."""
+async def test_concurrent_publishes_all_arrive_in_order(make_node: MakeNode) -> None:
+    """Hundreds of concurrent publishes arrive, in order (pipelining on the publish link is
+    proved in test_publish_link.py)."""
     a, b = await make_node("a"), await make_node("b")
     await b.broker.subscribe(R)
     count = 500
-    batches_before = a.broker._pipeliner.batches
     await asyncio.gather(*(a.broker.publish(room_env(b"%d" % i, a.id)) for i in range(count)))
     await b.inbox.wait_until(lambda: len(b.inbox.envelopes) >= count)
     assert b.inbox.payloads == [b"%d" % i for i in range(count)]
     assert a.broker.published == count
-    assert a.broker._pipeliner.batches - batches_before <= 5
 
 
 async def test_sequential_publishes_from_tasks_keep_order_per_publisher(
