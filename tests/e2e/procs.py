@@ -51,18 +51,26 @@ class NodeProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def start(self) -> NodeProcess:
-        cmd = [sys.executable, "-m", "node.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(self.port), *self.args]
-        with open(self._log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(self.port, self.proc)
-        except BaseException:
-            self.kill()
-            raise
-        return self
+    def start(self, attempts: int = 3) -> NodeProcess:
+        """Start and wait until it listens; on a port taken meanwhile, retry on a new one."""
+        for attempt in range(attempts):
+            cmd = [sys.executable, "-m", "node.cli", "serve", "--host", "127.0.0.1",
+                   "--port", str(self.port), *self.args]
+            with open(self._log_path, "ab") as log:
+                self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log,
+                                             stderr=subprocess.STDOUT)
+            try:
+                wait_for_port(self.port, self.proc)
+                return self
+            except RuntimeError:
+                self.kill()
+                if attempt + 1 == attempts or "address already in use" not in self.log():
+                    raise
+                self.port = free_port()  # another process took it between pick and bind
+            except BaseException:
+                self.kill()
+                raise
+        raise AssertionError("unreachable")
 
     def log(self) -> str:
         return Path(self._log_path).read_text(errors="replace")
