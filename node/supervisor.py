@@ -2,7 +2,8 @@
 
 The supervisor starts each worker as ``roomcast serve ... --workers 1 --reuse-port``,
 so every worker is a full node with its own node id; the kernel spreads new connections
-across them. A worker that exits unexpectedly is replaced (with a short backoff if it
+across them. Workers die with the supervisor (Linux PR_SET_PDEATHSIG), even when it
+is killed with SIGKILL. A worker that exits unexpectedly is replaced (with a short backoff if it
 keeps crashing). SIGTERM or SIGINT is passed on to every worker, which drains its
 clients (close 1001) and exits; the supervisor exits 0 once all have.
 
@@ -14,6 +15,8 @@ counting, its counters stay in the totals); the directory is removed on exit.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Final
 
@@ -33,6 +36,29 @@ log = logging.getLogger("roomcast.supervisor")
 _POLL_SECONDS: Final = 0.2
 _CRASH_WINDOW: Final = 5.0
 _MAX_BACKOFF: Final = 5.0
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _load_prctl() -> Callable[[int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[[int, int], int] = ctypes.CDLL(name, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+_PRCTL: Final = _load_prctl()
+
+
+def _die_with_supervisor() -> None:
+    """In the worker, before exec: SIGTERM it if the supervisor dies, even by SIGKILL."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Supervisor:
@@ -51,7 +77,7 @@ class Supervisor:
 
     def _spawn(self, slot: int) -> None:
         env = {**os.environ, MULTIPROC_ENV: self._metrics_dir}
-        proc = subprocess.Popen(self._worker_argv, env=env)
+        proc = subprocess.Popen(self._worker_argv, env=env, preexec_fn=_die_with_supervisor)
         self._workers[slot] = proc
         self._started_at[slot] = time.monotonic()
         log.info("worker %d started (pid %d)", slot, proc.pid)

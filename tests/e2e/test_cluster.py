@@ -226,3 +226,38 @@ async def test_two_workers_share_one_port_and_a_room(redis_server: RedisServer) 
             for client in clients:
                 assert await client.recv_chat() == "across workers"
         assert node.terminate() == 0, node.log()
+
+
+def test_workers_die_with_a_killed_supervisor(redis_server: RedisServer) -> None:
+    """SIGKILL of the --workers supervisor takes its workers down too: no orphans."""
+    import os
+    import re
+    from pathlib import Path
+
+    with NodeProcess("--workers", "2", *node_args(redis_server.url)) as node:
+        deadline = time.monotonic() + 20
+        pids: list[int] = []
+        while len(pids) < 2:
+            assert time.monotonic() < deadline, node.log()
+            pids = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", node.log())]
+            time.sleep(0.05)
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(5)
+
+        def alive(pid: int) -> bool:
+            # a worker whose new parent does not reap it lingers as a zombie: that is dead
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except FileNotFoundError:
+                return False
+            return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in pids):
+            if time.monotonic() > deadline:
+                for p in pids:  # leave nothing behind even when the test fails
+                    if alive(p):
+                        os.kill(p, signal.SIGKILL)
+                raise AssertionError(f"workers outlived their supervisor: {pids}")
+            time.sleep(0.05)
