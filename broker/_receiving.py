@@ -1,15 +1,18 @@
-"""What both Redis brokers do with the bytes that arrive on their channels."""
+"""What both Redis brokers share: envelope receipt and this node's presence mirror."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Final
 
+from broker._keys import Keys
+from broker._redis_common import Command
 from broker.base import Deliver
 from shared.envelope import Kind, decode
 from shared.errors import BrokerError, EnvelopeError
-from shared.ids import NodeId, Room
+from shared.ids import ConnectionId, NodeId, Room, node_of, validate_room
 
 log = logging.getLogger("roomcast.broker.redis")
 
@@ -18,9 +21,11 @@ _WARN_EVERY: Final = 1.0
 
 
 class EnvelopeReceiver:
-    """Decode, filter, count and deliver envelopes; rate-limited warnings.
+    """Decode, filter, count and deliver envelopes; keep the local presence mirror that
+    is re-applied after Redis comes back; rate-limited warnings.
 
-    Subclasses set these attributes in ``__init__``.
+    Subclasses set these attributes in ``__init__`` and write presence commands in
+    ``_presence_changed`` (never raising for Redis being down).
     """
 
     _node: NodeId | None
@@ -28,8 +33,42 @@ class EnvelopeReceiver:
     _desired: set[Room]
     _closed: bool
     _last_warning: dict[str, float]
+    _keys: Keys
+    _presence: dict[Room, set[ConnectionId]]
     dropped: int
     received: int
+
+    async def _presence_changed(self, *commands: Command) -> None:
+        raise NotImplementedError
+
+    async def add_presence(self, room: Room, connection: ConnectionId) -> None:
+        """Record ``connection`` in ``room``; never raises for Redis being down."""
+        node = self._require_running()
+        room = validate_room(room)
+        owner = node_of(connection)
+        if owner != node:
+            raise ValueError(f"connection {connection} belongs to node {owner}, not {node}")
+        self._presence.setdefault(room, set()).add(connection)
+        await self._presence_changed(
+            ("HSET", self._keys.presence(room), connection, node),
+            ("SADD", self._keys.node_rooms(node), room),
+        )
+
+    async def remove_presence(self, connection: ConnectionId, rooms: Iterable[Room]) -> None:
+        """Withdraw ``connection`` from ``rooms``; never raises for Redis being down."""
+        node = self._node
+        commands: list[Command] = []
+        for room in rooms:
+            members = self._presence.get(room)
+            if members is not None:
+                members.discard(connection)
+                if not members:
+                    del self._presence[room]
+            commands.append(("HDEL", self._keys.presence(room), connection))
+            if node is not None and room not in self._presence:
+                commands.append(("SREM", self._keys.node_rooms(node), room))
+        if commands and node is not None and not self._closed:
+            await self._presence_changed(*commands)
 
     def _on_message(self, data: bytes) -> None:
         try:

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Iterable
 from typing import Any, Final
 
 from redis.asyncio.connection import AbstractConnection
@@ -35,7 +34,7 @@ from broker._redis_common import (
 from broker.base import Deliver
 from shared.envelope import Envelope, encode
 from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, NodeId, Room, node_of, validate_node_id, validate_room
+from shared.ids import ConnectionId, NodeId, Room, validate_node_id, validate_room
 
 log = logging.getLogger("roomcast.broker.redis")
 
@@ -327,35 +326,6 @@ class RedisBroker(EnvelopeReceiver):
 
     # -- presence --------------------------------------------------------------------
 
-    async def add_presence(self, room: Room, connection: ConnectionId) -> None:
-        """Record ``connection`` in ``room``; never raises for Redis being down."""
-        node = self._require_running()
-        room = validate_room(room)
-        owner = node_of(connection)
-        if owner != node:
-            raise ValueError(f"connection {connection} belongs to node {owner}, not {node}")
-        self._presence.setdefault(room, set()).add(connection)
-        await self._update_presence(
-            ("HSET", self._keys.presence(room), connection, node),
-            ("SADD", self._keys.node_rooms(node), room),
-        )
-
-    async def remove_presence(self, connection: ConnectionId, rooms: Iterable[Room]) -> None:
-        """Withdraw ``connection`` from ``rooms``; never raises for Redis being down."""
-        node = self._node
-        commands: list[Command] = []
-        for room in rooms:
-            members = self._presence.get(room)
-            if members is not None:
-                members.discard(connection)
-                if not members:
-                    del self._presence[room]
-            commands.append(("HDEL", self._keys.presence(room), connection))
-            if node is not None and room not in self._presence:
-                commands.append(("SREM", self._keys.node_rooms(node), room))
-        if commands and node is not None and not self._closed:
-            await self._update_presence(*commands)
-
     async def room_members(self, room: Room) -> set[ConnectionId]:
         """Every connection in ``room`` on a live node; BrokerError if Redis is unreachable."""
         if self._closed:
@@ -364,7 +334,7 @@ class RedisBroker(EnvelopeReceiver):
             self._client, self._keys, validate_room(room), self._presence_ttl, self._url
         )
 
-    async def _update_presence(self, *commands: Command) -> None:
+    async def _presence_changed(self, *commands: Command) -> None:
         if not self._connected:
             # Redis is known to be away: don't make the hub wait for a timeout; the
             # reconnect re-applies the whole local mirror anyway.

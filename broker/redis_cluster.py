@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -242,34 +241,8 @@ class RedisClusterBroker(EnvelopeReceiver):
 
     # -- presence --------------------------------------------------------------------
 
-    async def add_presence(self, room: Room, connection: ConnectionId) -> None:
-        """Record ``connection`` in ``room``; never raises for the cluster being down."""
-        node = self._require_running()
-        room = validate_room(room)
-        owner = node_of(connection)
-        if owner != node:
-            raise ValueError(f"connection {connection} belongs to node {owner}, not {node}")
-        self._presence.setdefault(room, set()).add(connection)
-        await self._write_presence(
-            ("HSET", self._keys.presence(room), connection, node),
-            ("SADD", self._keys.node_rooms(node), room),
-        )
-
-    async def remove_presence(self, connection: ConnectionId, rooms: Iterable[Room]) -> None:
-        """Withdraw ``connection`` from ``rooms``; never raises for the cluster being down."""
-        node = self._node
-        commands: list[Command] = []
-        for room in rooms:
-            members = self._presence.get(room)
-            if members is not None:
-                members.discard(connection)
-                if not members:
-                    del self._presence[room]
-            commands.append(("HDEL", self._keys.presence(room), connection))
-            if node is not None and room not in self._presence:
-                commands.append(("SREM", self._keys.node_rooms(node), room))
-        if commands and node is not None and not self._closed:
-            await self._write_presence(*commands)
+    async def _presence_changed(self, *commands: Command) -> None:
+        await self._write_presence(*commands)
 
     async def room_members(self, room: Room) -> set[ConnectionId]:
         """Every connection in ``room`` on a live node; BrokerError if unreachable."""
