@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from types import TracebackType
+from typing import Self
 
 from broker._keys import Keys
 from broker._redis_common import (
@@ -25,7 +26,7 @@ from broker._redis_common import (
 )
 from shared.envelope import Envelope, Kind, encode
 from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, node_of, validate_room
+from shared.ids import ConnectionId, Room, node_of, validate_room
 
 Data = str | bytes
 """A message: ``str`` is sent as a text frame, ``bytes`` as a binary frame."""
@@ -49,7 +50,83 @@ def external_envelope(kind: Kind, target: str, data: Data, exclude: str | None) 
     )
 
 
-class Publisher:
+class PublisherBase:
+    """What every publisher offers; subclasses say how bytes reach Redis (``_send``),
+    how presence is read (``_read_members``) and what closing releases (``_release``)."""
+
+    _keys: Keys
+    _closed: bool
+    published: int
+    publish_failures: int
+
+    async def publish_to_room(
+        self, room: str, data: Data, *, exclude: str | None = None
+    ) -> None:
+        """Send ``data`` to every member of ``room`` on every node, except ``exclude``."""
+        await self._publish(Kind.ROOM, validate_room(room), data, exclude)
+
+    async def send_to_connection(self, connection_id: str, data: Data) -> None:
+        """Send ``data`` to the one connection ``connection_id``, wherever it lives."""
+        node_of(connection_id)  # ValueError now rather than an envelope nobody can route
+        await self._publish(Kind.CONNECTION, connection_id, data, None)
+
+    async def broadcast(self, data: Data, *, exclude: str | None = None) -> None:
+        """Send ``data`` to every connection of every node, except ``exclude``."""
+        await self._publish(Kind.ALL, "", data, exclude)
+
+    async def room_members(self, room: str) -> set[ConnectionId]:
+        """Every connection in ``room`` on a live node; BrokerError if Redis is unreachable."""
+        self._require_open()
+        return await self._read_members(validate_room(room))
+
+    async def room_size(self, room: str) -> int:
+        """How many connections are in ``room`` across the cluster."""
+        return len(await self.room_members(room))
+
+    async def close(self) -> None:
+        """Finish pending publishes and release the connections; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._release()
+
+    async def __aenter__(self) -> Self:
+        self._require_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _publish(self, kind: Kind, target: str, data: Data, exclude: str | None) -> None:
+        self._require_open()
+        envelope = external_envelope(kind, target, data, exclude)
+        try:
+            await self._send(self._keys.channel_for(envelope), encode(envelope))
+        except PublishError:
+            self.publish_failures += 1
+            raise
+        self.published += 1
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise BrokerError(f"this {type(self).__name__} is closed; create a new one")
+
+    async def _send(self, channel: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def _read_members(self, room: Room) -> set[ConnectionId]:
+        raise NotImplementedError
+
+    async def _release(self) -> None:
+        raise NotImplementedError
+
+
+class Publisher(PublisherBase):
     """Sends envelopes to the nodes sharing ``prefix`` on Redis at ``url``; not a node.
 
     ``presence_ttl`` must match the nodes' so that ``room_members`` leaves out the same
@@ -81,65 +158,15 @@ class Publisher:
         self.published = 0
         self.publish_failures = 0
 
-    async def publish_to_room(
-        self, room: str, data: Data, *, exclude: str | None = None
-    ) -> None:
-        """Send ``data`` to every member of ``room`` on every node, except ``exclude``."""
-        await self._publish(Kind.ROOM, validate_room(room), data, exclude)
+    async def _send(self, channel: str, data: bytes) -> None:
+        await publish_bytes(self._pipeliner, self._url, channel, data)
 
-    async def send_to_connection(self, connection_id: str, data: Data) -> None:
-        """Send ``data`` to the one connection ``connection_id``, wherever it lives."""
-        node_of(connection_id)  # ValueError now rather than an envelope nobody can route
-        await self._publish(Kind.CONNECTION, connection_id, data, None)
-
-    async def broadcast(self, data: Data, *, exclude: str | None = None) -> None:
-        """Send ``data`` to every connection of every node, except ``exclude``."""
-        await self._publish(Kind.ALL, "", data, exclude)
-
-    async def room_members(self, room: str) -> set[ConnectionId]:
-        """Every connection in ``room`` on a live node; BrokerError if Redis is unreachable."""
-        self._require_open()
+    async def _read_members(self, room: Room) -> set[ConnectionId]:
         return await read_room_members(
-            self._client, self._keys, validate_room(room), self._presence_ttl, self._url
+            self._client, self._keys, room, self._presence_ttl, self._url
         )
 
-    async def room_size(self, room: str) -> int:
-        """How many connections are in ``room`` across the cluster."""
-        return len(await self.room_members(room))
-
-    async def close(self) -> None:
-        """Finish pending publishes and release the connections; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+    async def _release(self) -> None:
         await self._pipeliner.drain()
         with contextlib.suppress(*TRANSPORT_ERRORS):
             await self._client.aclose()  # can time out if Redis is frozen
-
-    async def __aenter__(self) -> Publisher:
-        self._require_open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def _publish(self, kind: Kind, target: str, data: Data, exclude: str | None) -> None:
-        self._require_open()
-        envelope = external_envelope(kind, target, data, exclude)
-        try:
-            await publish_bytes(
-                self._pipeliner, self._url, self._keys.channel_for(envelope), encode(envelope)
-            )
-        except PublishError:
-            self.publish_failures += 1
-            raise
-        self.published += 1
-
-    def _require_open(self) -> None:
-        if self._closed:
-            raise BrokerError("this Publisher is closed; create a new one")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from types import TracebackType
 from typing import Any
 
 from broker._cluster_common import (
@@ -39,18 +38,17 @@ from broker._keys import Keys, redact_url
 from broker._receiving import EnvelopeReceiver
 from broker._redis_common import DEFAULT_SOCKET_TIMEOUT, Command
 from broker.base import Deliver
-from broker.publisher import external_envelope
+from broker.publisher import PublisherBase
 from broker.redis import _HEARTBEAT_LUA, _RESYNC_LUA, _WITHDRAW_LUA
-from shared.envelope import Envelope, Kind, encode
+from shared.envelope import Envelope, encode
 from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, NodeId, Room, node_of, validate_node_id, validate_room
+from shared.ids import ConnectionId, NodeId, Room, validate_node_id, validate_room
 
 __all__ = ["ClusterPublisher", "RedisClusterBroker"]
 
 log = logging.getLogger("roomcast.broker.redis_cluster")
 
 
-Data = str | bytes
 
 
 class RedisClusterBroker(EnvelopeReceiver):
@@ -342,7 +340,7 @@ class RedisClusterBroker(EnvelopeReceiver):
 
 
 
-class ClusterPublisher:
+class ClusterPublisher(PublisherBase):
     """``Publisher`` for a Redis Cluster: reaches the nodes sharing ``prefix`` at ``url``.
 
     Same methods and rules as ``broker.Publisher`` (which takes ``redis://`` URLs):
@@ -370,69 +368,19 @@ class ClusterPublisher:
         self.published = 0
         self.publish_failures = 0
 
-    async def publish_to_room(
-        self, room: str, data: Data, *, exclude: str | None = None
-    ) -> None:
-        """Send ``data`` to every member of ``room`` on every node, except ``exclude``."""
-        await self._publish(Kind.ROOM, validate_room(room), data, exclude)
+    async def _send(self, channel: str, data: bytes) -> None:
+        await spublish_bytes(self._pipeliner, self._url, channel, data)
 
-    async def send_to_connection(self, connection_id: str, data: Data) -> None:
-        """Send ``data`` to the one connection ``connection_id``, wherever it lives."""
-        node_of(connection_id)  # ValueError now rather than an envelope nobody can route
-        await self._publish(Kind.CONNECTION, connection_id, data, None)
-
-    async def broadcast(self, data: Data, *, exclude: str | None = None) -> None:
-        """Send ``data`` to every connection of every node, except ``exclude``."""
-        await self._publish(Kind.ALL, "", data, exclude)
-
-    async def room_members(self, room: str) -> set[ConnectionId]:
-        """Every connection in ``room`` on a live node; BrokerError if unreachable."""
-        self._require_open()
+    async def _read_members(self, room: Room) -> set[ConnectionId]:
         return await read_cluster_room_members(
-            self._client, self._keys, validate_room(room), self._presence_ttl, self._url
+            self._client, self._keys, room, self._presence_ttl, self._url
         )
 
-    async def room_size(self, room: str) -> int:
-        """How many connections are in ``room`` across the cluster."""
-        return len(await self.room_members(room))
-
-    async def close(self) -> None:
-        """Finish pending publishes and release the connections; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+    async def _release(self) -> None:
         await self._pipeliner.drain()
         await self._refresher.close()
         with contextlib.suppress(*CLUSTER_ERRORS):
             await self._client.aclose()
-
-    async def __aenter__(self) -> ClusterPublisher:
-        self._require_open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def _publish(self, kind: Kind, target: str, data: Data, exclude: str | None) -> None:
-        self._require_open()
-        envelope = external_envelope(kind, target, data, exclude)
-        try:
-            await spublish_bytes(
-                self._pipeliner, self._url, self._keys.channel_for(envelope), encode(envelope)
-            )
-        except PublishError:
-            self.publish_failures += 1
-            raise
-        self.published += 1
-
-    def _require_open(self) -> None:
-        if self._closed:
-            raise BrokerError("this ClusterPublisher is closed; create a new one")
 
 
 def _raise_first(replies: list[Any]) -> None:
