@@ -20,10 +20,9 @@ import asyncio
 import time
 from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
-from aiohttp import web
-
+from node.protocol import CLOSE_TIMEOUT
 from shared.errors import ConnectionClosedError
 from shared.frames import PreparedMessage, build_frame, close_payload
 from shared.ids import ConnectionId, Room
@@ -31,6 +30,8 @@ from shared.protocol import CloseCode, Opcode
 
 if TYPE_CHECKING:
     from node.events import EventHandler
+    from node.hub import Hub
+    from node.protocol import WebSocketProtocol
 
 SLOW_CONSUMER_REASON: Final = "slow consumer"
 
@@ -65,16 +66,16 @@ class Connection:
         "_next_ping",
         "_out",
         "_out_size",
+        "_protocol",
         "_rooms_view",
         "_schedule_flush",
         "_transport",
-        "_ws",
         "handler",
         "id",
         "last_ping_time",
         "last_pong_time",
         "metadata",
-        "request",
+        "remote",
         "state",
         "wbits",
     )
@@ -83,14 +84,19 @@ class Connection:
         self,
         conn_id: ConnectionId,
         handler: EventHandler,
-        request: web.Request,
-        hub: Any,
+        hub: Hub,
         schedule_flush: Callable[[Connection], None],
+        remote: str | None = None,
     ) -> None:
         self.id: Final = conn_id
         self.handler = handler
-        self.request = request
-        """The aiohttp request that opened the connection (headers, remote address)."""
+        self.remote = remote
+        """The client's address as the upgrade request gave it (``request.remote``).
+
+        The request itself is not kept (it would cost every idle connection its
+        memory): read what you need from it before ``Hub.upgrade`` and pass it as
+        ``metadata``.
+        """
         self.state = ConnectionState.CONNECTING
         self.metadata: dict[str, str] = {}
         self.last_ping_time = 0.0
@@ -100,7 +106,7 @@ class Connection:
         self.wbits = 0
         """Negotiated permessage-deflate window bits; 0 when not compressed."""
         self._hub = hub
-        self._ws: web.WebSocketResponse | None = None
+        self._protocol: WebSocketProtocol | None = None
         self._transport: asyncio.Transport | None = None
         self._out: bytes | list[bytes] | None = None
         """Frames queued since the last write: None, one frame, or a list of frames."""
@@ -125,6 +131,11 @@ class Connection:
         if new not in _ALLOWED[self.state]:
             raise RuntimeError(f"connection {self.id}: {self.state.value} -> {new.value}")
         self.state = new
+
+    @property
+    def hub(self) -> Hub:
+        """The hub this connection belongs to."""
+        return self._hub
 
     @property
     def is_open(self) -> bool:
@@ -266,10 +277,11 @@ class Connection:
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Send a close frame with ``code`` and ``reason`` and finish the closing handshake.
 
-        Frames already queued go out first. ValueError for a code that may not be sent.
+        Frames already queued go out first. Returns once the peer answered and the
+        socket is closed, or after ``node.protocol.CLOSE_TIMEOUT`` seconds, when the
+        socket is aborted. ValueError for a code that may not be sent.
         """
         payload = close_payload(code, reason)  # validates before any state changes
-        del payload
         if self.state is ConnectionState.CONNECTING:
             raise ConnectionClosedError(f"connection {self.id} is not open yet")
         if self.state is not ConnectionState.OPEN:
@@ -277,9 +289,11 @@ class Connection:
         self._close_code, self._close_reason = code, reason
         self.flush()
         self._set_state(ConnectionState.CLOSING)
-        ws = self._ws
-        assert ws is not None  # OPEN implies attached
-        await ws.close(code=code, message=reason.encode())
+        protocol = self._protocol
+        assert protocol is not None  # OPEN implies attached
+        protocol.send_close(payload)
+        protocol.arm_abort(CLOSE_TIMEOUT)
+        await asyncio.shield(protocol.closed)
 
     def abort(self, code: int, reason: str) -> None:
         """Close at once without waiting for the peer: a slow consumer or a missed pong.
@@ -294,25 +308,29 @@ class Connection:
         self._out_size = 0
         if self.state is ConnectionState.OPEN:
             self._set_state(ConnectionState.CLOSING)
-        transport = self._transport
-        if transport is None:
+        transport, protocol = self._transport, self._protocol
+        if transport is None or protocol is None:
             return
         if reason == SLOW_CONSUMER_REASON:
             transport.abort()
             return
+        protocol.send_close(close_payload(code, reason))
         if not transport.is_closing():
-            transport.write(build_frame(Opcode.CLOSE, close_payload(code, reason)))
             transport.close()
-            asyncio.get_running_loop().call_later(1.0, transport.abort)
+        protocol.arm_abort(1.0)
+
+    def _abort_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def _attach(
-        self, ws: web.WebSocketResponse, transport: asyncio.Transport, ping_interval: float
+        self, protocol: WebSocketProtocol, transport: asyncio.Transport, wbits: int,
+        ping_interval: float,
     ) -> None:
         """The handshake is done: start sending, and schedule the first keepalive ping."""
-        self._ws = ws
+        self._protocol = protocol
         self._transport = transport
-        compress = ws.compress
-        self.wbits = int(compress) if compress else 0
+        self.wbits = wbits
         self._next_ping = time.time() + ping_interval
         self._set_state(ConnectionState.OPEN)
 
@@ -324,6 +342,13 @@ class Connection:
         if self.state is not ConnectionState.CLOSED:
             self._set_state(ConnectionState.CLOSED)
         return was_open
+
+    def _peer_closing(self) -> None:
+        """The closing handshake began on the peer's side (or on a protocol error)."""
+        if self.state is ConnectionState.OPEN:
+            self._set_state(ConnectionState.CLOSING)
+            self._out = None
+            self._out_size = 0
 
     def _pong_received(self) -> None:
         self.last_pong_time = time.time()

@@ -33,7 +33,7 @@ def _room_of(conn: Connection) -> str:
 async def _room_broadcast(conn: Connection, data: str | bytes) -> None:
     """Broadcast to the member's room; tell the member if other nodes were not reached."""
     try:
-        await get_hub(conn.request).broadcast_to_room(_room_of(conn), data)
+        await conn.hub.broadcast_to_room(_room_of(conn), data)
     except PublishError:
         if conn.is_open:
             warning = {"type": "error", "text": "not delivered to members on other nodes"}
@@ -42,7 +42,7 @@ async def _room_broadcast(conn: Connection, data: str | bytes) -> None:
 
 async def _notice(conn: Connection, kind: str) -> None:
     try:
-        members: int | None = await get_hub(conn.request).room_size(_room_of(conn))
+        members: int | None = await conn.hub.room_size(_room_of(conn))
     except BrokerError:
         members = None  # the cluster-wide count is unknown while Redis is unreachable
     notice = {"type": kind, "name": conn.get_metadata("name"), "members": members}

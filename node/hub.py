@@ -16,18 +16,20 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from aiohttp.http_websocket import ws_ext_gen, ws_ext_parse
 
 from broker import Broker, MemoryBroker
-from node._masking import GuardedWebSocketResponse
+from node._takeover import Upgraded, take_over
 from node.connection import Connection, ConnectionState
-from node.events import EventHandler, Message, MessageType
+from node.events import EventHandler
+from node.protocol import WebSocketProtocol
 from node.rooms import RoomIndex
 from shared.config import HubConfig
 from shared.envelope import Envelope, Kind
 from shared.errors import HandshakeError
-from shared.frames import PreparedMessage, build_frame
-from shared.handshake import origin_allowed, validate_upgrade_request
+from shared.frames import MessageReader, PreparedMessage, build_frame
+from shared.handshake import handshake_response, origin_allowed, validate_upgrade_request
 from shared.ids import (
     ConnectionId,
     NodeId,
@@ -133,6 +135,8 @@ class Hub:
                 fut.cancel()
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=drain_seconds)
+        for conn in list(self._connections.values()):
+            conn._abort_transport()  # did not finish the closing handshake in time
         if self._finishing:
             await asyncio.wait(self._finishing, timeout=drain_seconds)
         if self._keepalive is not None:
@@ -208,15 +212,19 @@ class Hub:
         rooms: Iterable[str] = (),
         metadata: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
-        """Accept a WebSocket on ``request`` and serve it until it closes (``register``).
+        """Accept a WebSocket on ``request`` (``register``); return what aiohttp must return.
 
         Refused before the upgrade: not a WebSocket request (400/405/426), origin not
-        allowed (403), node full or shutting down (503). On success the connection gets
-        ``metadata``, joins ``rooms``, ``on_open`` runs, and every message goes to
-        ``on_message`` in order. Returns when the connection has closed.
+        allowed (403), node full or shutting down (503). On success the hub writes the
+        101, takes the socket over from aiohttp, the connection gets ``metadata``, joins
+        ``rooms`` and ``on_open`` runs; then this returns. From there on the hub serves
+        the connection on its own (no task, and not the request, is kept while it is
+        idle): every message goes to ``on_message`` in order, and ``on_close`` comes
+        last. A failure while opening (a broker error joining a room) closes it with
+        1011.
         """
         try:
-            validate_upgrade_request(request.method, request.headers)
+            key = validate_upgrade_request(request.method, request.headers)
         except HandshakeError as exc:
             self.stats.refused_handshake += 1
             headers = {"Sec-WebSocket-Version": "13"} if exc.status == 426 else None
@@ -240,92 +248,78 @@ class Hub:
 
         self._seq += 1
         conn = Connection(
-            make_connection_id(self.node_id, self._seq), handler, request, self,
-            self._schedule_flush,
+            make_connection_id(self.node_id, self._seq), handler, self,
+            self._schedule_flush, request.remote,
         )
         self._connections[conn.id] = conn  # reserve the slot before awaiting
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        ws = GuardedWebSocketResponse(
-            autoping=False,
-            # aiohttp refuses a message of exactly max_msg_size; ours is inclusive.
-            max_msg_size=self.config.max_message_size + 1,
-            compress=self.config.enable_compression,
+        wbits, no_takeover = 0, False
+        if self.config.enable_compression:
+            wbits, no_takeover = ws_ext_parse(
+                request.headers.get("Sec-WebSocket-Extensions"), isserver=True
+            )
+        extensions = (
+            ws_ext_gen(compress=wbits, isserver=True, server_notakeover=no_takeover)
+            if wbits else None
         )
         # Which node took the connection, and its id (for targeted sends and for
         # checking where a load balancer sends clients).
-        ws.headers["X-Roomcast-Node"] = self.node_id
-        ws.headers["X-Roomcast-Connection"] = conn.id
+        ids = {"X-Roomcast-Node": self.node_id, "X-Roomcast-Connection": conn.id}
+        reader = MessageReader(self.config.max_message_size, deflate=bool(wbits))
+        protocol = WebSocketProtocol(self, conn, reader)
         try:
-            await ws.prepare(request)
-            transport = request.transport
-            if transport is None:
-                raise ConnectionResetError("connection lost during the handshake")
-            conn._attach(ws, transport, self.config.ping_interval)
+            transport, tail = take_over(request, protocol)
+        except BaseException:
+            self._connections.pop(conn.id, None)
+            raise
+        transport.write(handshake_response(key, extensions, ids))
+        conn._attach(protocol, transport, wbits, self.config.ping_interval)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            if tail:
+                protocol.data_received(tail)
             if metadata:
-                for key, value in metadata.items():
-                    conn.set_metadata(key, value)
+                for name, value in metadata.items():
+                    conn.set_metadata(name, value)
             for room in room_names:
-                await self.join_room(conn, room)
+                if conn.state is ConnectionState.OPEN:
+                    await self.join_room(conn, room)
             self.stats.connections_opened += 1
             log.debug("opened %s from %s", conn.id, request.remote,
                       extra={"conn_id": conn.id})
             await self._call(conn, handler.on_open)
-            await self._serve(conn, ws)
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        except Exception:
+            # The 101 is out, so aiohttp cannot answer with a 500: close the socket.
+            log.exception("opening %s failed", conn.id, extra={"conn_id": conn.id})
+            conn.abort(CloseCode.INTERNAL_ERROR, "server error while opening")
         finally:
-            # Shielded: leaving rooms and on_close must happen even when aiohttp cancels
-            # the handler because the client went away (handler_cancellation=True).
-            finishing = asyncio.ensure_future(self._finish(conn))
-            self._finishing.add(finishing)
-            finishing.add_done_callback(self._finishing.discard)
             if task is not None:
                 self._handlers.discard(task)
-            await asyncio.shield(finishing)
-        return ws
+            protocol.opened()
+        return Upgraded({"Upgrade": "websocket", "Connection": "Upgrade", **ids})
 
-    async def _serve(self, conn: Connection, ws: web.WebSocketResponse) -> None:
-        handler = conn.handler
-        stats = self.stats
-        while True:
-            msg = await ws.receive()
-            kind = msg.type
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                stats.messages_in += 1
-                stats.bytes_in += _size(msg.data)
-                if conn.wbits and _size(msg.data) > self.config.max_message_size:
-                    # aiohttp's inflate limit is one byte looser than ours.
-                    await conn.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
-                    return
-                if handler.on_message is not None:
-                    mtype = MessageType.TEXT if kind is WSMsgType.TEXT else MessageType.BINARY
-                    await self._call(conn, handler.on_message, Message(msg.data, mtype))
-            elif kind is WSMsgType.PING:
-                if conn.is_open:
-                    conn.enqueue(build_frame(Opcode.PONG, msg.data))
-                await self._call(conn, handler.on_ping, msg.data)
-            elif kind is WSMsgType.PONG:
-                conn._pong_received()
-                await self._call(conn, handler.on_pong, msg.data)
-            elif kind is WSMsgType.CLOSE:
-                if conn._close_code is None:
-                    # aiohttp reports a close frame without a status code as 0; RFC 6455
-                    # section 7.1.5 calls that 1005.
-                    conn._close_code = int(msg.data) or CloseCode.NO_STATUS
-                    conn._close_reason = msg.extra or ""
-                return
-            elif kind is WSMsgType.ERROR:
-                # aiohttp sent the close frame; WebSocketError carries the code it used.
-                code = getattr(msg.data, "code", None) or CloseCode.INTERNAL_ERROR
-                if conn._close_code is None:
-                    conn._close_code, conn._close_reason = int(code), str(msg.data)
-                await self._call(conn, handler.on_error, msg.data)
-                return
-            else:  # CLOSING / CLOSED: the transport went away or we closed it
-                return
+    def _connection_lost(self, conn: Connection, dispatching: asyncio.Task[None] | None) -> None:
+        """The socket is gone: leave rooms and report on_close once the callbacks are done.
 
-    async def _finish(self, conn: Connection) -> None:
-        """Leave every room, forget the connection, then report ``on_close`` once."""
+        Shielded from cancellation (it runs in its own task) so cleanup happens even
+        while the node shuts down.
+        """
+        finishing = asyncio.ensure_future(self._finish(conn, dispatching))
+        self._finishing.add(finishing)
+        finishing.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, conn: Connection, dispatching: asyncio.Task[None] | None) -> None:
+        """Leave every room, forget the connection, then report ``on_close`` once.
+
+        Waits for ``dispatching`` (the callbacks of events that arrived before the
+        socket went) so that ``on_close`` comes last.
+        """
+        if dispatching is not None and not dispatching.done():
+            await asyncio.wait((dispatching,))
         was_open = conn._mark_closed()
         self._connections.pop(conn.id, None)
         rooms, emptied = self._rooms.leave_all(conn.id)

@@ -273,94 +273,193 @@ class PreparedMessage:
         return frame
 
 
-class ClientFrameChecker:
-    """Follows frame boundaries in a client's byte stream and fails what aiohttp's reader
-    lets through.
+class MessageReader:
+    """Reads a client's byte stream into whole messages, failing what RFC 6455 forbids.
 
-    RFC 6455 requires a server to fail the connection on: an unmasked client frame
-    (section 5.1, checked as soon as the 2 header bytes are in), a 64-bit length with its
-    top bit set (5.2), RSV1 on a control frame (5.2; RFC 7692 section 6), a data frame
-    inside a fragmented message or a continuation outside one (5.4), and a close frame
-    whose code may not be sent or whose reason is not UTF-8 (5.5.1, 7.4). Only headers
-    and close payloads (at most 125 bytes) are read; other payload bytes are skipped.
+    ``feed(data)`` takes bytes as they arrive, in any chunking, and returns the events
+    completed by them: ``(Opcode.TEXT, str)``, ``(Opcode.BINARY, bytes)``,
+    ``(Opcode.PING | Opcode.PONG, bytes)`` and ``(Opcode.CLOSE, payload)``, the close
+    payload checked by ``parse_close_payload``. Fragments are joined; with
+    permessage-deflate negotiated (``deflate=True``) compressed messages are inflated
+    with one context per connection, so clients may use context takeover.
+
+    A fault stops reading and is kept in ``error`` (a ProtocolError with the close
+    code to send): an unmasked frame (section 5.1, checked on the first two header
+    bytes), reserved bits or an unknown opcode, a fragmented, compressed or
+    over-125-byte control frame, a 64-bit length with its top bit set (5.2), a data
+    frame inside a fragmented message or a continuation outside one (5.4), a close
+    frame with a code that may not be sent or a reason that is not UTF-8 (5.5.1, 7.4),
+    deflate data that does not inflate; 1007 for a text message that is not UTF-8;
+    1009 for a message of more than ``max_size`` bytes, compressed or inflated
+    (checked from the frame header, before its payload is buffered).
+    Nothing is read after a close frame or an error.
     """
 
-    __slots__ = ("_close", "_header", "_in_message", "_skip")
+    __slots__ = (
+        "_buf", "_deflate", "_done", "_error", "_inflater", "_max", "_parts",
+        "_parts_compressed", "_parts_opcode", "_parts_size",
+    )
 
-    def __init__(self) -> None:
-        self._header = bytearray()
-        self._skip = 0
-        self._in_message = False
-        self._close: bytearray | None = None
-        """The mask key, then the masked payload so far, of the close frame being read."""
+    def __init__(self, max_size: int, *, deflate: bool = False) -> None:
+        self._max = max_size
+        self._deflate = deflate
+        self._buf = bytearray()
+        self._done = False
+        self._error: ProtocolError | None = None
+        self._inflater: zlib._Decompress | None = None
+        self._parts: list[bytes] = []
+        self._parts_opcode = 0
+        """Opcode of the fragmented message being joined; 0 when there is none."""
+        self._parts_size = 0
+        self._parts_compressed = False
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Check the frames in ``data``; ProtocolError (with its close code) on a fault."""
-        view = memoryview(data)
-        pos, end = 0, len(view)
-        while pos < end:
-            if self._skip:
-                step = min(self._skip, end - pos)
-                if self._close is not None:
-                    self._close += view[pos : pos + step]
-                self._skip -= step
-                pos += step
-                if not self._skip and self._close is not None:
-                    self._check_close()
-                continue
-            header = self._header
-            if len(header) < 2:
-                take = min(2 - len(header), end - pos)
-                header += view[pos : pos + take]
-                pos += take
-                if len(header) < 2:
-                    continue
-                self._check_start(header[0], header[1])
-            need = self._header_size()
-            take = min(need - len(header), end - pos)
-            header += view[pos : pos + take]
-            pos += take
-            if len(header) < need:
-                continue
-            length = header[1] & 0x7F
+    @property
+    def done(self) -> bool:
+        """True after a close frame or an error: nothing more will be read."""
+        return self._done
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The fault that stopped reading, if one did."""
+        return self._error
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[Opcode, bytes | str]]:
+        """The events completed by ``data``, in order.
+
+        On a fault, the events before it are returned and ``error`` says what broke
+        (with the close code to send); ``done`` is then True and nothing more is read.
+        """
+        events: list[tuple[Opcode, bytes | str]] = []
+        if self._done:
+            return events
+        buf: bytes | bytearray
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        else:
+            buf = data if isinstance(data, bytes) else bytes(data)
+        try:
+            pos = self._read(buf, events)
+        except ProtocolError as exc:
+            self._error = exc
+            self._done = True
+            self._buf = bytearray()
+            self._parts = []
+            return events
+        if buf is self._buf:
+            del self._buf[:pos]
+        elif pos < len(buf):
+            self._buf = bytearray(buf[pos:])
+        return events
+
+    def _read(self, buf: bytes | bytearray, events: list[tuple[Opcode, bytes | str]]) -> int:
+        pos, end = 0, len(buf)
+        while end - pos >= 2 and not self._done:
+            b0, b1 = buf[pos], buf[pos + 1]
+            if not b1 & 0x80:
+                raise ProtocolError("client frames must be masked")
+            if b0 & 0x30:
+                raise ProtocolError("reserved bits set without a negotiated extension")
+            opcode = b0 & 0x0F
+            if opcode not in _KNOWN_OPCODES:
+                raise ProtocolError(f"unknown opcode {opcode:#x}")
+            fin = b0 & 0x80
+            rsv1 = b0 & 0x40
+            length = b1 & 0x7F
+            head = 6
             if length == 126:
-                length = _U16.unpack_from(header, 2)[0]
+                if end - pos < 4:
+                    break
+                length = _U16.unpack_from(buf, pos + 2)[0]
+                head = 8
             elif length == 127:
-                length = _U64.unpack_from(header, 2)[0]
+                if end - pos < 10:
+                    break
+                length = _U64.unpack_from(buf, pos + 2)[0]
                 if length >> 63:
                     raise ProtocolError("payload length has the most significant bit set")
-            if header[0] & 0x0F == Opcode.CLOSE and length:
-                self._close = bytearray(header[-4:])
-            self._skip = length
-            header.clear()
+                head = 14
+            if opcode >= 0x8:
+                if not fin:
+                    raise ProtocolError("fragmented control frame")
+                if length > MAX_CONTROL_PAYLOAD:
+                    raise ProtocolError("control frame payload over 125 bytes")
+                if rsv1:
+                    raise ProtocolError("RSV1 set on a control frame")
+            else:
+                self._check_data_frame(opcode, rsv1, length)
+            if end - pos < head + length:
+                break
+            start = pos + head
+            payload = _unmask(buf[start - 4 : start], buf[start : start + length])
+            pos = start + length
+            if opcode >= 0x8:
+                if opcode == Opcode.CLOSE:
+                    parse_close_payload(payload)
+                    self._done = True
+                events.append((Opcode(opcode), payload))
+            elif opcode != Opcode.CONTINUATION and fin:
+                events.append(self._message(opcode, payload, bool(rsv1)))
+            else:
+                if opcode != Opcode.CONTINUATION:
+                    self._parts_opcode = opcode
+                    self._parts_compressed = bool(rsv1)
+                self._parts.append(payload)
+                self._parts_size += length
+                if fin:
+                    parts, self._parts = self._parts, []
+                    op, self._parts_opcode, self._parts_size = self._parts_opcode, 0, 0
+                    events.append(self._message(op, b"".join(parts), self._parts_compressed))
+        return pos
 
-    def _check_start(self, first: int, second: int) -> None:
-        if not second & 0x80:
-            raise ProtocolError("client frames must be masked")
-        opcode = first & 0x0F
-        if opcode not in _KNOWN_OPCODES:
-            raise ProtocolError(f"unknown opcode {opcode:#x}")
-        if opcode >= 0x8:
-            if first & 0x40:
-                raise ProtocolError("RSV1 set on a control frame")
-            return  # control frames may come between the fragments of a message
+    def _check_data_frame(self, opcode: int, rsv1: int, length: int) -> None:
+        """What a data frame's header alone can break (so a huge payload is never read)."""
         if opcode == Opcode.CONTINUATION:
-            if not self._in_message:
+            if not self._parts_opcode:
                 raise ProtocolError("continuation frame without a message to continue")
-        elif self._in_message:
+            if rsv1:
+                raise ProtocolError("RSV1 set on a continuation frame")
+        elif self._parts_opcode:
             raise ProtocolError("a new message began inside a fragmented one")
-        self._in_message = not first & 0x80
+        elif rsv1 and not self._deflate:
+            raise ProtocolError("RSV1 set but permessage-deflate was not negotiated")
+        if self._parts_size + length > self._max:
+            raise ProtocolError(
+                f"message of more than {self._max} bytes (the limit)",
+                CloseCode.MESSAGE_TOO_BIG,
+            )
 
-    def _check_close(self) -> None:
-        assert self._close is not None
-        key, masked = bytes(self._close[:4]), bytes(self._close[4:])
-        self._close = None
-        parse_close_payload(apply_mask(key, masked))
+    def _message(
+        self, opcode: int, payload: bytes, compressed: bool
+    ) -> tuple[Opcode, bytes | str]:
+        if compressed:
+            payload = self._inflate(payload)
+        if opcode == Opcode.BINARY:
+            return Opcode.BINARY, payload
+        try:
+            return Opcode.TEXT, payload.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("text message is not valid UTF-8", CloseCode.INVALID_DATA) from None
 
-    def _header_size(self) -> int:
-        header = self._header
-        if len(header) < 2:
-            return 2
-        length = header[1] & 0x7F
-        extra = 2 if length == 126 else 8 if length == 127 else 0
-        return 2 + extra + 4
+    def _inflate(self, body: bytes) -> bytes:
+        inflater = self._inflater
+        if inflater is None:
+            inflater = self._inflater = zlib.decompressobj(-15)
+        try:
+            out = inflater.decompress(body + DEFLATE_TRAILER, self._max + 1)
+        except zlib.error as exc:
+            raise ProtocolError(f"invalid deflate data: {exc}") from None
+        if len(out) > self._max or inflater.unconsumed_tail:
+            raise ProtocolError(
+                f"inflated message of more than {self._max} bytes (the limit)",
+                CloseCode.MESSAGE_TOO_BIG,
+            )
+        return out
+
+
+def _unmask(key: bytes | bytearray, data: bytes | bytearray) -> bytes:
+    n = len(data)
+    if not n:
+        return b""
+    full = (bytes(key) * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(full, "little")).to_bytes(n, "little")

@@ -1,9 +1,9 @@
 """The opening handshake as plain values (the seed's ``Handshake``): validate an upgrade
 request, compute Sec-WebSocket-Accept, and write the 101 response.
 
-The node lets aiohttp perform the handshake on the socket; these functions decide
-beforehand whether a request is an upgrade we accept, so a refusal carries a clear
-HTTP status and reason.
+aiohttp parses and routes the upgrade request; the hub decides with these functions
+whether it is an upgrade we accept (a refusal carries a clear HTTP status and reason)
+and writes the 101 made by ``handshake_response`` on the socket itself.
 """
 
 from __future__ import annotations
@@ -63,8 +63,14 @@ def accept_key(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def handshake_response(key: str, extensions: str | None = None) -> bytes:
-    """The bytes of the HTTP 101 response to an upgrade with ``key`` (``createResponse``)."""
+def handshake_response(
+    key: str, extensions: str | None = None, headers: Mapping[str, str] | None = None
+) -> bytes:
+    """The bytes of the HTTP 101 response to an upgrade with ``key`` (``createResponse``).
+
+    ``extensions`` is the Sec-WebSocket-Extensions value agreed on; ``headers`` are
+    added as they are (names and values must be ASCII without CR or LF).
+    """
     lines = [
         "HTTP/1.1 101 Switching Protocols",
         "Upgrade: websocket",
@@ -73,6 +79,10 @@ def handshake_response(key: str, extensions: str | None = None) -> bytes:
     ]
     if extensions:
         lines.append(f"Sec-WebSocket-Extensions: {extensions}")
+    for name, value in (headers or {}).items():
+        if any(c in f"{name}{value}" for c in "\r\n"):
+            raise ValueError(f"header {name!r} contains CR or LF")
+        lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 

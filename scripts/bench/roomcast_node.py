@@ -27,7 +27,7 @@ _STARTED: list[float] = []
 
 
 async def on_message(conn: Connection, msg: Message) -> None:
-    hub = get_hub(conn.request)
+    hub = conn.hub
     for room in conn.rooms:
         _STARTED.append(time.perf_counter())
         await hub.broadcast_to_room(room, msg.data)

@@ -420,8 +420,8 @@ async def test_hostile_members_in_a_row_do_not_wear_the_node_down(node: NodeProc
     async with bystanders(node) as group:
         names = [f"h{i}-{group.room}" for i in range(50)]
 
-        async def one(i: int) -> None:
-            case = cases[i % len(cases)]
+        async def one(i: int, among: list[Case] = cases) -> None:
+            case = among[i % len(among)]
             client = await hostile_member(node, group.room, names[i])
             try:
                 client.send(case.data)
@@ -432,7 +432,11 @@ async def test_hostile_members_in_a_row_do_not_wear_the_node_down(node: NodeProc
 
         for i in range(40):
             await one(i)
-        await asyncio.gather(*(one(i) for i in range(40, 50)))
+        # At once, only cases that send nothing the room would hear: a valid message
+        # before the fault (echoed to the whole room) could reach another member
+        # before its own close frame, which observe() would take as its answer.
+        quiet = [c for c in cases if not c.frames]
+        await asyncio.gather(*(one(i, quiet) for i in range(40, 50)))
         left: set[str] = set()
 
         def all_left(data: str | bytes) -> bool:

@@ -1,9 +1,10 @@
 """Properties over the byte-level code, beyond the examples of test_frames/test_envelope.
 
-- ClientFrameChecker (the guard in front of aiohttp's reader) on arbitrary bytes in arbitrary
-  chunkings raises nothing but ProtocolError; on a valid masked stream, however it is
-  chunked, it never raises, and it still knows where frames begin (an unmasked frame
-  after the stream is caught).
+- MessageReader (the node's reader of client bytes) on arbitrary bytes in arbitrary
+  chunkings raises nothing and stops only with a ProtocolError; a valid stream (text,
+  binary, compressed, fragmented, control frames between fragments) gives exactly its
+  messages however it is chunked, and the reader still knows where frames begin (an
+  unmasked frame after the stream is caught on its first two bytes).
 - parse_frame on near-valid frames (every header bit pattern, every length form) raises
   nothing but ProtocolError and never returns a frame RFC 6455 forbids; on a stream of
   frames that arrives in arbitrary pieces it finds the same frames.
@@ -18,7 +19,6 @@ import contextlib
 import itertools
 import struct
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from websockets.extensions.permessage_deflate import PerMessageDeflate
@@ -30,10 +30,11 @@ from shared.envelope import Envelope, Kind, decode, encode
 from shared.errors import EnvelopeError, ProtocolError
 from shared.frames import (
     MAX_CONTROL_PAYLOAD,
-    ClientFrameChecker,
     Frame,
+    MessageReader,
     PreparedMessage,
     build_frame,
+    deflate_message,
     inflate_message,
     parse_close_payload,
     parse_frame,
@@ -91,37 +92,76 @@ _masked_streams = _frame_lists.map(b"".join)
 """Valid client streams: whole messages, every frame masked, any length form."""
 
 
-# --- ClientFrameChecker ---------------------------------------------------------------------------
+# --- MessageReader ---------------------------------------------------------------------------
+
+
+@st.composite
+def _reader_streams(draw: st.DrawFn) -> tuple[bytes, list[tuple[Opcode, bytes | str]]]:
+    """A valid client stream and the events a reader must make of it: text (UTF-8),
+    binary and compressed messages, fragmented anywhere, control frames between
+    fragments."""
+    frames: list[bytes] = []
+    expected: list[tuple[Opcode, bytes | str]] = []
+    for _ in range(draw(st.integers(0, 4))):
+        if draw(st.integers(0, 3)) == 0:
+            opcode = draw(st.sampled_from([Opcode.PING, Opcode.PONG]))
+            payload = draw(st.binary(max_size=MAX_CONTROL_PAYLOAD))
+            frames.append(build_frame(opcode, payload, mask_key=draw(_mask_keys())))
+            expected.append((opcode, payload))
+            continue
+        text = draw(st.booleans())
+        data: bytes = (draw(st.text(max_size=200)).encode() if text
+                       else draw(st.binary(max_size=300) | _boundary_payloads))
+        compressed = draw(st.booleans())
+        body = deflate_message(data) if compressed else data
+        cuts = sorted(draw(st.sets(st.integers(0, len(body)), max_size=2)) | {0, len(body)})
+        parts = [body[a:b] for a, b in itertools.pairwise(cuts)] or [b""]
+        opcode = Opcode.TEXT if text else Opcode.BINARY
+        for n, part in enumerate(parts):
+            if n:
+                for control in draw(st.lists(st.binary(max_size=10), max_size=1)):
+                    frames.append(build_frame(Opcode.PING, control, mask_key=b"\1\2\3\4"))
+                    expected.append((Opcode.PING, control))
+            frames.append(build_frame(opcode if n == 0 else Opcode.CONTINUATION, part,
+                                      fin=n == len(parts) - 1, rsv1=compressed and n == 0,
+                                      mask_key=draw(_mask_keys())))
+        expected.append((opcode, data.decode() if text else data))
+    return b"".join(frames), expected
 
 
 @RELAXED
-@given(st.binary(max_size=512), _cuts)
-def test_mask_checker_on_random_bytes_raises_only_protocol_error(
-    data: bytes, cuts: set[int]
+@given(st.binary(max_size=512), _cuts, st.booleans())
+def test_reader_on_random_bytes_stops_with_a_protocol_error_or_reads_on(
+    data: bytes, cuts: set[int], deflate: bool
 ) -> None:
-    """Whatever bytes arrive, in whatever pieces, the checker raises ProtocolError (1002)
-    or nothing."""
-    checker = ClientFrameChecker()
-    try:
-        for chunk in _chunks(data, cuts):
-            checker.feed(chunk)
-    except ProtocolError as exc:
-        assert exc.close_code == 1002
+    """Whatever bytes arrive, in whatever pieces, the reader raises nothing: it returns
+    events or stops with a ProtocolError carrying a close code a server may send."""
+    reader = MessageReader(1000, deflate=deflate)
+    for chunk in _chunks(data, cuts):
+        reader.feed(chunk)
+    if reader.error is not None:
+        assert reader.done
+        assert reader.error.close_code in (1002, 1007, 1009)
+        assert reader.feed(b"\x81\x80abcd") == []
 
 
 @RELAXED
-@given(_masked_streams, _cuts, st.binary(min_size=4, max_size=40))
-def test_mask_checker_follows_a_valid_stream_in_any_chunking(
-    stream: bytes, cuts: set[int], unmasked_payload: bytes
+@given(_reader_streams(), _cuts, st.binary(min_size=4, max_size=40))
+def test_reader_reads_a_valid_stream_the_same_in_any_chunking(
+    stream: tuple[bytes, list[tuple[Opcode, bytes | str]]], cuts: set[int],
+    unmasked_payload: bytes,
 ) -> None:
-    """A valid masked stream never trips the checker, however it is split; it is still at a
-    frame boundary at the end: another masked frame passes, an unmasked one is caught."""
-    checker = ClientFrameChecker()
-    for chunk in _chunks(stream, cuts):
-        checker.feed(memoryview(chunk))
-    checker.feed(build_frame(Opcode.BINARY, b"next", mask_key=b"\x01\x02\x03\x04"))
-    with pytest.raises(ProtocolError, match="masked"):
-        checker.feed(build_frame(Opcode.TEXT, unmasked_payload))
+    """A valid stream gives exactly its messages however it is split, and the reader is
+    at a frame boundary at the end: an unmasked frame after it is caught."""
+    data, expected = stream
+    reader = MessageReader(1 << 20, deflate=True)
+    events = []
+    for chunk in _chunks(data, cuts):
+        events += reader.feed(memoryview(chunk))
+    assert reader.error is None
+    assert events == expected
+    assert reader.feed(build_frame(Opcode.TEXT, unmasked_payload)) == []
+    assert reader.error is not None and "masked" in str(reader.error)
 
 
 @RELAXED
@@ -129,18 +169,19 @@ def test_mask_checker_follows_a_valid_stream_in_any_chunking(
                                                  Opcode.PONG, Opcode.CLOSE]),
        st.binary(max_size=3))
 @example(b"", set(), Opcode.PING, b"")
-def test_mask_checker_catches_short_unmasked_frames(
+def test_reader_catches_short_unmasked_frames(
     stream: bytes, cuts: set[int], opcode: Opcode, payload: bytes
 ) -> None:
-    """An unmasked frame of any size is caught by the time its last byte has been fed (the
-    guard checks a chunk before aiohttp parses it)."""
+    """An unmasked frame of any size is caught as soon as its first two bytes are in."""
     if opcode is Opcode.CLOSE and len(payload) == 1:
         payload = b""
-    checker = ClientFrameChecker()
+    reader = MessageReader(1 << 20, deflate=True)
     for chunk in _chunks(stream, cuts):
-        checker.feed(chunk)
-    with pytest.raises(ProtocolError, match="masked"):
-        checker.feed(build_frame(opcode, payload))
+        reader.feed(chunk)
+    if reader.error is not None:  # random "compressed" payloads need not inflate
+        return
+    reader.feed(build_frame(opcode, payload)[:2])
+    assert reader.error is not None and "masked" in str(reader.error)
 
 
 # --- parse_frame ---------------------------------------------------------------------------
