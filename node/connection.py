@@ -293,7 +293,7 @@ class Connection:
         assert protocol is not None  # OPEN implies attached
         protocol.send_close(payload)
         protocol.arm_abort(CLOSE_TIMEOUT)
-        await asyncio.shield(protocol.closed)
+        await protocol.wait_closed()
 
     def abort(self, code: int, reason: str) -> None:
         """Close at once without waiting for the peer: a slow consumer or a missed pong.

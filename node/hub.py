@@ -135,8 +135,11 @@ class Hub:
                 fut.cancel()
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=drain_seconds)
-        for conn in list(self._connections.values()):
+        lingering = list(self._connections.values())
+        for conn in lingering:
             conn._abort_transport()  # did not finish the closing handshake in time
+        if lingering:
+            await asyncio.sleep(0)  # their connection_lost callbacks start _finish
         if self._finishing:
             await asyncio.wait(self._finishing, timeout=drain_seconds)
         if self._keepalive is not None:

@@ -43,8 +43,8 @@ class WebSocketProtocol(asyncio.Protocol):
     """asyncio protocol for one accepted WebSocket; created by ``Hub.upgrade``."""
 
     __slots__ = (
-        "_abort_timer", "_close_sent", "_conn", "_gone", "_hub", "_inbox", "_paused",
-        "_reader", "_ready", "_task", "_transport", "closed",
+        "_abort_timer", "_close_sent", "_closed", "_conn", "_gone", "_hub", "_inbox",
+        "_paused", "_reader", "_ready", "_task", "_transport",
     )
 
     def __init__(self, hub: Hub, conn: Connection, reader: MessageReader) -> None:
@@ -60,8 +60,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self._close_sent = False
         self._gone = False
         self._abort_timer: asyncio.TimerHandle | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        """Done when the socket is gone; what ``Connection.close`` waits for."""
+        self._closed: asyncio.Future[None] | None = None
+        """Made only when someone waits for the socket to go (``wait_closed``)."""
 
     # -- asyncio callbacks -----------------------------------------------------------
 
@@ -88,10 +88,18 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._abort_timer is not None:
             self._abort_timer.cancel()
             self._abort_timer = None
-        if not self.closed.done():
-            self.closed.set_result(None)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
         if self._ready:
             self._hub._connection_lost(self._conn, self._task)
+
+    async def wait_closed(self) -> None:
+        """Return once the socket is gone (what ``Connection.close`` waits for)."""
+        if self._gone:
+            return
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._closed)
 
     # -- events ----------------------------------------------------------------------
 
@@ -102,7 +110,10 @@ class WebSocketProtocol(asyncio.Protocol):
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             stats = hub.stats
             stats.messages_in += 1
-            stats.bytes_in += len(payload.encode()) if isinstance(payload, str) else len(payload)
+            if isinstance(payload, str) and not payload.isascii():
+                stats.bytes_in += len(payload.encode())
+            else:
+                stats.bytes_in += len(payload)
             if handler.on_message is not None:
                 mtype = MessageType.TEXT if opcode is Opcode.TEXT else MessageType.BINARY
                 self._queue(handler.on_message, (Message(payload, mtype),))

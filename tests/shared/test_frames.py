@@ -25,6 +25,7 @@ from shared.frames import (
     DEFLATE_MIN_SIZE,
     DEFLATE_TRAILER,
     Frame,
+    MessageReader,
     PreparedMessage,
     apply_mask,
     binary_frame,
@@ -522,3 +523,135 @@ def test_build_parse_round_trip(
             assert wire == ws_frame.serialize(mask=False)
         else:
             assert ws_parse(wire, mask=True) == ws_frame
+
+
+# --- MessageReader: the node's reader of client bytes -----------------------------------
+
+KEY = b"\x11\x22\x33\x44"
+
+
+def _client(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv1: bool = False) -> bytes:
+    """A client frame as websockets' client would write it (masked)."""
+    return build_frame(Opcode(opcode), payload, fin=fin, rsv1=rsv1, mask_key=KEY)
+
+
+def _raw(first: int, payload: bytes, *, masked: bool = True) -> bytes:
+    """A frame with any first byte (reserved bits, unknown opcodes)."""
+    head = bytes([first, (0x80 if masked else 0) | len(payload)])
+    return head + (KEY + apply_mask(KEY, payload) if masked else payload)
+
+
+def test_reader_reads_messages_and_control_frames_in_order() -> None:
+    reader = MessageReader(1000)
+    data = (_client(Opcode.TEXT, "grüße".encode()) + _client(Opcode.PING, b"p")
+            + _client(Opcode.BINARY, b"\x00\x01") + _client(Opcode.PONG, b"q"))
+    assert reader.feed(data) == [(Opcode.TEXT, "grüße"), (Opcode.PING, b"p"),
+                                 (Opcode.BINARY, b"\x00\x01"), (Opcode.PONG, b"q")]
+    assert reader.error is None and not reader.done
+
+
+def test_reader_joins_fragments_around_control_frames_byte_by_byte() -> None:
+    reader = MessageReader(1000)
+    data = (_client(Opcode.TEXT, b"ab", fin=False) + _client(Opcode.PING, b"x")
+            + _client(Opcode.CONTINUATION, b"cd", fin=False)
+            + _client(Opcode.CONTINUATION, b"ef"))
+    events = [e for i in range(len(data)) for e in reader.feed(data[i:i + 1])]
+    assert events == [(Opcode.PING, b"x"), (Opcode.TEXT, "abcdef")]
+
+
+def test_reader_stops_after_a_close_frame() -> None:
+    reader = MessageReader(1000)
+    events = reader.feed(_client(Opcode.CLOSE, close_payload(1001, "bye"))
+                         + _client(Opcode.TEXT, b"after"))
+    assert events == [(Opcode.CLOSE, close_payload(1001, "bye"))]
+    assert reader.done and reader.error is None
+    assert reader.feed(_client(Opcode.TEXT, b"more")) == []
+
+
+def test_reader_returns_the_events_before_a_fault() -> None:
+    reader = MessageReader(1000)
+    events = reader.feed(_client(Opcode.TEXT, b"ok") + _raw(0x81, b"unmasked", masked=False))
+    assert events == [(Opcode.TEXT, "ok")]
+    assert reader.error is not None and reader.error.close_code == 1002 and reader.done
+
+
+@pytest.mark.parametrize(("data", "code", "words"), [
+    (_raw(0x81, b"x", masked=False)[:2], 1002, "masked"),
+    (_raw(0xC1, b"x"), 1002, "RSV1"),  # without deflate negotiated
+    (_raw(0xA1, b"x"), 1002, "reserved"),  # RSV2
+    (_raw(0x91, b"x"), 1002, "reserved"),  # RSV3
+    (_raw(0x83, b"x"), 1002, "opcode"),
+    (_raw(0x8B, b"x"), 1002, "opcode"),
+    (_raw(0x09, b"x"), 1002, "fragmented control"),
+    (b"\x89\xfe\x00\x7e", 1002, "125"),  # a ping header announcing 126 bytes
+    (_client(Opcode.CONTINUATION, b"x"), 1002, "continuation"),
+    (_client(Opcode.TEXT, b"a", fin=False) + _client(Opcode.BINARY, b"b"), 1002, "inside"),
+    (_client(Opcode.CLOSE, b"\x03"), 1002, "1 byte"),
+    (_client(Opcode.CLOSE, struct.pack("!H", 1005)), 1002, "close code"),
+    (_client(Opcode.CLOSE, struct.pack("!H", 1000) + b"\xff"), 1007, "UTF-8"),
+    (_client(Opcode.TEXT, b"\xc3"), 1007, "UTF-8"),
+    (_client(Opcode.TEXT, b"\xc3", fin=False) + _client(Opcode.CONTINUATION, b"("), 1007,
+     "UTF-8"),
+    (b"\x82\xff" + struct.pack("!Q", 1 << 63), 1002, "most significant"),
+    (_client(Opcode.BINARY, b"x" * 101)[:4], 1009, "limit"),
+    (_client(Opcode.BINARY, b"x" * 60, fin=False) + _client(Opcode.CONTINUATION, b"y" * 41)[:4],
+     1009, "limit"),
+])
+def test_reader_fails_what_rfc_6455_forbids(data: bytes, code: int, words: str) -> None:
+    """Each fault stops the reader with its close code, as soon as the bytes that show it
+    are in (a frame over the limit is refused from its header, its payload never read)."""
+    reader = MessageReader(100)
+    reader.feed(data)
+    assert reader.error is not None, "accepted"
+    assert reader.error.close_code == code
+    assert words in str(reader.error)
+
+
+def test_reader_accepts_exactly_the_limit() -> None:
+    reader = MessageReader(100)
+    assert reader.feed(_client(Opcode.BINARY, b"x" * 100)) == [(Opcode.BINARY, b"x" * 100)]
+
+
+def test_reader_inflates_with_context_takeover_and_checks_the_limit_after() -> None:
+    """A client that keeps its deflate context across messages (the default of RFC 7692)
+    is read correctly; the limit applies to the inflated size (a small bomb is 1009)."""
+    compressor = zlib.compressobj(wbits=-15)
+    reader = MessageReader(1000, deflate=True)
+    for text in ("hello hello hello", "hello hello hello again", "x" * 1000):
+        body = compressor.compress(text.encode()) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        assert reader.feed(_client(Opcode.TEXT, body[:-4], rsv1=True)) == [(Opcode.TEXT, text)]
+    bomb = deflate_message(b"\0" * 1001)
+    assert reader.feed(_client(Opcode.BINARY, bomb, rsv1=True)) == []
+    assert reader.error is not None and reader.error.close_code == 1009
+
+
+@pytest.mark.parametrize(("data", "words"), [
+    (_client(Opcode.TEXT, b"not deflate at all", rsv1=True), "deflate"),
+    (_client(Opcode.TEXT, b"a", fin=False) + _client(Opcode.CONTINUATION, b"b", rsv1=True),
+     "continuation"),
+    (_raw(0xC9, b"p"), "control"),
+])
+def test_reader_with_deflate_fails_misplaced_or_corrupt_compression(data: bytes,
+                                                                    words: str) -> None:
+    reader = MessageReader(1000, deflate=True)
+    reader.feed(data)
+    assert reader.error is not None and reader.error.close_code == 1002
+    assert words in str(reader.error)
+
+
+def test_reader_matches_websockets_client_frames() -> None:
+    """Frames written by websockets' own client code (random masks, every length form,
+    compressed) read back as their messages."""
+    from websockets.frames import Frame as WFrame
+
+    extension = PerMessageDeflate(False, False, 15, 15)
+    sizes = (0, 125, 126, 65_535, 65_536)
+    data = b""
+    expected: list[tuple[Opcode, bytes | str]] = []
+    for n in sizes:
+        payload = os.urandom(n)
+        frame = WFrame(WsOpcode.BINARY, payload)
+        data += frame.serialize(mask=True, extensions=[extension])
+        expected.append((Opcode.BINARY, payload))
+    reader = MessageReader(1 << 20, deflate=True)
+    assert reader.feed(data) == expected

@@ -122,6 +122,15 @@ def test_handshake_response_with_extensions() -> None:
     assert b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n" in response
 
 
+def test_handshake_response_with_headers() -> None:
+    """Extra headers (the node's X-Roomcast-*) are added; CR or LF in one is refused, so
+    a value can never split the response."""
+    response = handshake_response(KEY, None, {"X-Roomcast-Node": "abc"})
+    assert response.endswith(b"\r\nX-Roomcast-Node: abc\r\n\r\n")
+    with pytest.raises(ValueError, match="CR or LF"):
+        handshake_response(KEY, None, {"X-Evil": "a\r\nSet-Cookie: x"})
+
+
 def test_no_origin_allowed() -> None:
     """A client that sends no Origin (not a browser) is allowed under every rule."""
     assert origin_allowed(None, "example.com", ())
