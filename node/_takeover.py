@@ -52,8 +52,8 @@ def take_over(request: web.Request, protocol: asyncio.BaseProtocol) -> tuple[asy
     transport.set_protocol(protocol)
     protocol.connection_made(transport)
     handler.transport = None
-    # Its keep-alive timer (armed when the socket was accepted) would hold the handler,
-    # its parser and the request for keepalive_timeout (75 s) more.
+    # Its keep-alive timer (armed when the socket was accepted) would hold the handler
+    # and its HTTP parser for keepalive_timeout (75 s) more.
     handler.keep_alive(False)
     manager = getattr(handler, "_manager", None)
     if manager is not None:

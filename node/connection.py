@@ -355,7 +355,17 @@ class Connection:
         self._awaiting_pong_since = 0.0
 
     def _keepalive(self, now: float, interval: float, timeout: float, ping: bytes) -> bool:
-        """One keepalive step: ping when due; False if a pong is overdue (close it)."""
+        """One keepalive step: ping when due; False if a pong is overdue (close it).
+
+        While the node does not read the socket (its callbacks lag behind: see
+        ``node.protocol.INBOX_HIGH``) a pong could not be seen, so none is awaited:
+        the client is not blamed for the node's own backlog.
+        """
+        protocol = self._protocol
+        if protocol is not None and protocol.reading_paused:
+            self._awaiting_pong_since = 0.0
+            self._next_ping = now + interval
+            return True
         waiting = self._awaiting_pong_since
         if waiting:
             return now - waiting < timeout

@@ -276,6 +276,7 @@ class Hub:
             raise
         transport.write(handshake_response(key, extensions, ids))
         conn._attach(protocol, transport, wbits, self.config.ping_interval)
+        self.stats.connections_opened += 1
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
@@ -288,7 +289,6 @@ class Hub:
             for room in room_names:
                 if conn.state is ConnectionState.OPEN:
                     await self.join_room(conn, room)
-            self.stats.connections_opened += 1
             log.debug("opened %s from %s", conn.id, request.remote,
                       extra={"conn_id": conn.id})
             await self._call(conn, handler.on_open)

@@ -93,6 +93,11 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._ready:
             self._hub._connection_lost(self._conn, self._task)
 
+    @property
+    def reading_paused(self) -> bool:
+        """True while the socket is not read because callbacks lag behind."""
+        return self._paused
+
     async def wait_closed(self) -> None:
         """Return once the socket is gone (what ``Connection.close`` waits for)."""
         if self._gone:

@@ -18,6 +18,7 @@ import gc
 import os
 import random
 import string
+import time
 import weakref
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -289,6 +290,11 @@ async def test_reading_pauses_while_callbacks_lag_and_nothing_is_lost(serve: Ser
             await eventually(lambda: protocol._paused, "reading paused")
             assert not transport.is_reading()
             assert protocol._inbox is not None and len(protocol._inbox) >= INBOX_HIGH - 1
+            # While the node does not read, a pong could not be seen: the keepalive
+            # must not blame the client for the node's own backlog, however late it is.
+            later = time.time() + 3600
+            assert conn._keepalive(later, 1.0, 1.0, b"ping")
+            assert conn._keepalive(later + 3600, 1.0, 1.0, b"ping")
         finally:
             gate.set()
         await events.until(lambda: len(events.log) >= len(texts))
