@@ -655,3 +655,17 @@ def test_reader_matches_websockets_client_frames() -> None:
         expected.append((Opcode.BINARY, payload))
     reader = MessageReader(1 << 20, deflate=True)
     assert reader.feed(data) == expected
+
+
+@given(st.binary(min_size=4, max_size=4), st.binary(max_size=3000))
+def test_reader_unmasking_fallback_matches(key: bytes, data: bytes) -> None:
+    """The pure-Python unmasking (used if aiohttp's compiled one cannot be imported)
+    gives what the compiled one gives, and what apply_mask gives."""
+    from aiohttp._websocket.helpers import websocket_mask
+
+    from shared.frames import _unmask_python
+
+    ours, theirs = bytearray(data), bytearray(data)
+    _unmask_python(key, ours)
+    websocket_mask(key, theirs)
+    assert ours == theirs == apply_mask(key, data)
