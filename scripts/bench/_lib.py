@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -187,16 +187,22 @@ class Cluster:
 # -- the client --------------------------------------------------------------------------
 
 
-def masked(payload: bytes, opcode: int = 1) -> bytes:
-    """A masked client frame (the mask is fixed: the server only has to undo it)."""
+def masked(payload: bytes, opcode: int = 1, *, rsv1: bool = False) -> bytes:
+    """A masked client frame (the mask is fixed: the server only has to undo it).
+
+    ``rsv1`` marks a permessage-deflate (compressed) message.
+    """
     mask = b"\x37\xfa\x21\x3d"
+    first = 0x80 | (0x40 if rsv1 else 0) | opcode
     n = len(payload)
     if not n:
-        return bytes((0x80 | opcode, 0x80)) + mask
+        return bytes((first, 0x80)) + mask
     if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
+        head = bytes((first, 0x80 | n))
+    elif n < 0x10000:
+        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
     else:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
     body = (int.from_bytes(payload, "big") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "big"))
     return head + mask + body.to_bytes(n, "big")
 
@@ -229,12 +235,17 @@ class Client(asyncio.Protocol):
         self.stamps = stamps
         self.skip = len(SIO_PREFIX) if sio else 0
         self.head = b""
+        self.response = b""
+        """The server's handshake response (status line and headers)."""
         self.buf = b""
         self.frames = 0
         self.compressed = 0
         self.last = 0.0
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.paused = False
+        """True while the transport's write buffer is over its high-water mark."""
+        self.on_resume: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -251,6 +262,7 @@ class Client(asyncio.Protocol):
                 self.ready.set_exception(RuntimeError(self.head[:60].decode()))
                 return
             data = self.head[end + 4:]
+            self.response = self.head[:end]
             self.head = None  # type: ignore[assignment]
             if not self.sio:
                 self.ready.set_result(None)
@@ -320,8 +332,19 @@ class Client(asyncio.Protocol):
             payload = SIO_PREFIX + payload + b'"]'
         self.transport.write(masked(payload))
 
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.on_resume is not None:
+            self.on_resume()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.paused = False
+        if self.on_resume is not None:
+            self.on_resume()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("closed during the handshake"))
 
@@ -335,11 +358,14 @@ def path_for(server: str, room: str) -> str:
 async def connect(server: str, port: int, count: int, room: str, *,
                   deflate: bool = False, stamps: list[float] | None = None,
                   sources: Sequence[str] = ("127.0.0.1",), concurrency: int = 200,
-                  handshake_timeout: float = 60) -> list[Client]:
-    """Open ``count`` clients to ``port``, all in ``room``; returns once all are ready."""
+                  handshake_timeout: float = 60, path: str | None = None) -> list[Client]:
+    """Open ``count`` clients to ``port``, all in ``room``; returns once all are ready.
+
+    ``path`` overrides the request path (for roomcast and the reference node).
+    """
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
-    path = path_for(server, room)
+    path = path or path_for(server, room)
     sio = server == "socketio"
 
     async def one(i: int) -> Client:

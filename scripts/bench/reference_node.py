@@ -4,6 +4,11 @@ One room, frame bytes encoded once per message, one transport write per member p
 message, one Redis publish per message. No hub, no envelope validation, no buffers.
 It is the yardstick roomcast's node is measured against, not something to deploy.
 GET /stats returns, per message received here, the seconds its local write loop took.
+
+With ``--sink``, /sink is a WebSocket whose receive loop only counts the messages (no
+room, no broadcast), for the inbound benchmark; /stats then also gives that count
+(``sink_messages``), when it last moved (``sink_last``, ``time.perf_counter``) and the
+worst event-loop lag since the last read (``sink_lag``, seconds): see ``Sink``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,50 @@ def frame(payload: bytes, opcode: int) -> bytes:
     return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
 
 
+class Sink:
+    """What the sink route received, and when the count last moved.
+
+    Every /stats call arms a 5 ms timer that notes when the count moves, until it has
+    not moved for 2 s (a timer always on would cost the idle node 3% CPU here). The
+    timer also keeps ``lag``: how late it ran at worst since /stats was last read,
+    i.e. the longest the event loop kept everything else (other sockets, Redis
+    replies) waiting.
+    """
+
+    enabled = False
+    messages = 0
+    last = 0.0
+    lag = 0.0
+    _due = 0.0
+    _seen = 0
+    _still = 0
+    _armed = False
+
+    @classmethod
+    def arm(cls) -> None:
+        cls._still = 0
+        if not cls._armed:
+            cls._armed = True
+            cls._due = time.perf_counter() + 0.005
+            asyncio.get_running_loop().call_later(0.005, cls._tick)
+
+    @classmethod
+    def _tick(cls) -> None:
+        now = time.perf_counter()
+        cls.lag = max(cls.lag, now - cls._due)
+        cls._due = now + 0.005
+        if cls.messages != cls._seen:
+            cls._seen = cls.messages
+            cls.last = now
+            cls._still = 0
+        else:
+            cls._still += 1
+        if cls._still < 400:
+            asyncio.get_running_loop().call_later(0.005, cls._tick)
+        else:
+            cls._armed = False
+
+
 def main() -> None:
     _gcprobe.install()
     parser = argparse.ArgumentParser()
@@ -37,6 +86,8 @@ def main() -> None:
     parser.add_argument("--redis", required=True)
     parser.add_argument("--ping-interval", type=float, default=0.0,
                         help="aiohttp heartbeat seconds (0: none, aiohttp's default)")
+    parser.add_argument("--sink", action="store_true",
+                        help="serve /sink, whose receive loop only counts messages")
     args = parser.parse_args()
     members: set[asyncio.Transport] = set()
     me = os.urandom(4)
@@ -81,14 +132,30 @@ def main() -> None:
             members.discard(transport)  # type: ignore[arg-type]
         return ws
 
+    async def sink_route(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=args.ping_interval or None)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                Sink.messages += 1
+        return ws
+
     async def stats(_: web.Request) -> web.Response:
+        lag, Sink.lag = Sink.lag, 0.0
+        if Sink.enabled:
+            Sink.arm()
         return web.json_response({"broadcast_seconds": timings[-50:],
-                                  "connections": len(members)})
+                                  "connections": len(members),
+                                  "sink_messages": Sink.messages,
+                                  "sink_last": Sink.last, "sink_lag": lag})
 
     app = web.Application()
     app.cleanup_ctx.append(listen)
     app.router.add_get("/bench", bench)
     app.router.add_get("/stats", stats)
+    if args.sink:
+        Sink.enabled = True
+        app.router.add_get("/sink", sink_route)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None,
                 backlog=4096)
 

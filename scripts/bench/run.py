@@ -1,8 +1,9 @@
 """The benchmark suite: every workload of PERFORMANCE.md, roomcast against its peers.
 
-    python scripts/bench/run.py            # about 6 minutes on 2 cores
-    python scripts/bench/run.py --quick    # smaller rooms and fewer rounds, ~2 minutes
+    python scripts/bench/run.py            # about 10 minutes on 2 cores
+    python scripts/bench/run.py --quick    # smaller rooms and fewer rounds, ~4 minutes
     python scripts/bench/run.py --only fanout,latency --servers roomcast,reference
+    python scripts/bench/run.py --only inbound --servers roomcast,reference,socketio
 
 Servers: roomcast (scripts/bench/roomcast_node.py), the minimal reference node
 (reference_node.py: aiohttp + Redis, frame encoded once, one write per message per
@@ -22,10 +23,11 @@ import time
 
 import _lib
 import fanout
+import inbound
 import latency
 import onenode
 
-WORKLOADS = ("fanout", "fanout-concurrent", "compression", "latency", "onenode")
+WORKLOADS = ("fanout", "fanout-concurrent", "compression", "latency", "onenode", "inbound")
 
 
 def ratio(a: float, b: float) -> str:
@@ -100,6 +102,7 @@ def main() -> None:
     ping = 5.0
     started = time.perf_counter()
     print(f"# roomcast benchmarks, {time.strftime('%Y-%m-%d %H:%M %Z')}\n")
+    print(f"Commit {inbound.revision()}.")
     print(f"Machine: {_lib.machine()}; open-file limit per process: "
           f"{onenode.default_capacity() + 1000}. Command: `python scripts/bench/run.py"
           f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`")
@@ -127,6 +130,16 @@ def main() -> None:
         ores = [asyncio.run(onenode.run(s, idle=idle, capacity=capacity, hold=6.0,
                                         ping_interval=ping)) for s in servers]
         onenode_table(ores, ping)
+    if "inbound" in only:
+        # permessage-deflate too, for the servers that read through a WebSocket reader
+        # of their own or aiohttp's (Socket.IO's would measure the same reader again)
+        variants = servers + [f"{s}+deflate" for s in servers
+                              if s in ("roomcast", "reference")]
+        senders, per_client = 200, 300 if quick else 500
+        inbound_rounds = 2 if quick else 3
+        ires = asyncio.run(inbound.run(variants, senders, per_client, inbound.SIZES,
+                                       inbound_rounds))
+        print(inbound.table(ires, senders, per_client, inbound_rounds))
     print(f"\n(suite took {time.perf_counter() - started:.0f} s)")
 
 
