@@ -321,9 +321,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    started = f"{time.strftime('%Y-%m-%d %H:%M')}, {revision()}"  # the code the nodes run
     results = asyncio.run(run(args.servers.split(","), args.clients, args.messages, sizes,
                               args.rounds))
-    print(f"inbound: {time.strftime('%Y-%m-%d %H:%M')}, {revision()}, {_lib.machine()}")
+    print(f"inbound: {started}, {_lib.machine()}")
     print(table(results, args.clients, args.messages, args.rounds))
 
 
