@@ -8,8 +8,11 @@ what keeps an idle connection small (see docs/benchmarks.md, idle memory).
 
 Incoming events are handled in the order they arrived. Keepalive pongs, close frames
 and protocol errors are handled at once; the user's callbacks run one at a time in a
-task that exists only while there are events to hand over (``_dispatch``). While more
-than ``INBOX_HIGH`` events wait, the socket is not read (TCP pushes back on the client).
+task that exists only while there are events to hand over (``_dispatch``), which lets
+the event loop in between every ``INBOX_HIGH`` of them. At most ``INBOX_HIGH`` events
+are parsed from one read; while that many wait, the socket is not read and the rest
+of the bytes stay unparsed (TCP pushes back on the client), so a fast sender holds at
+most that many messages in the node and cannot keep the loop from other sockets.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self._conn = conn
         self._transport: asyncio.Transport = None  # type: ignore[assignment]
         self._reader = reader
-        self._inbox: deque[tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
+        self._inbox: deque[tuple[Callable[..., Any], Any]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = False
         """False until on_open has run: events wait in the inbox until then."""
@@ -75,7 +78,26 @@ class WebSocketProtocol(asyncio.Protocol):
         reader = self._reader
         if reader.done:
             return
-        for opcode, payload in reader.feed(data):
+        events = reader.feed(data, INBOX_HIGH)
+        while True:
+            for opcode, payload in events:
+                self._event(opcode, payload)
+            if reader.error is not None:
+                self._fail(reader.error)
+                return
+            if not reader.pending:
+                return
+            if self._inbox:
+                self._pause()  # the rest is parsed as the callbacks catch up
+                return
+            events = reader.feed(b"", INBOX_HIGH)  # nothing waits: read on
+
+    def _read_buffered(self) -> None:
+        """Parse what a read left unparsed (the callbacks have caught up)."""
+        reader = self._reader
+        if reader.done:
+            return
+        for opcode, payload in reader.feed(b"", INBOX_HIGH):
             self._event(opcode, payload)
         if reader.error is not None:
             self._fail(reader.error)
@@ -121,17 +143,17 @@ class WebSocketProtocol(asyncio.Protocol):
                 stats.bytes_in += len(payload)
             if handler.on_message is not None:
                 mtype = MessageType.TEXT if opcode is Opcode.TEXT else MessageType.BINARY
-                self._queue(handler.on_message, (Message(payload, mtype),))
+                self._queue(handler.on_message, Message(payload, mtype))
         elif opcode is Opcode.PING:
             assert isinstance(payload, bytes)
             if conn.is_open:
                 conn.enqueue(build_frame(Opcode.PONG, payload))
             if handler.on_ping is not None:
-                self._queue(handler.on_ping, (payload,))
+                self._queue(handler.on_ping, payload)
         elif opcode is Opcode.PONG:
             conn._pong_received()
             if handler.on_pong is not None:
-                self._queue(handler.on_pong, (payload,))
+                self._queue(handler.on_pong, payload)
         elif opcode is Opcode.CLOSE:
             assert isinstance(payload, bytes)
             self._peer_closed(payload)
@@ -162,7 +184,7 @@ class WebSocketProtocol(asyncio.Protocol):
             self.send_close(close_payload(code, _short(str(exc))))
         conn._peer_closing()
         if conn.handler.on_error is not None:
-            self._queue(conn.handler.on_error, (exc,))
+            self._queue(conn.handler.on_error, exc)
         self._end()
 
     # -- sending and closing ---------------------------------------------------------
@@ -192,14 +214,18 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # -- handing events to the callbacks ---------------------------------------------
 
-    def _queue(self, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def _queue(self, callback: Callable[..., Any], arg: Any) -> None:
         inbox = self._inbox
         if inbox is None:
             inbox = self._inbox = deque()
-        inbox.append((callback, args))
+        inbox.append((callback, arg))
         if self._task is None and self._ready:
             self._start_dispatch()
-        elif len(inbox) >= INBOX_HIGH and not self._paused and not self._gone:
+        elif len(inbox) >= INBOX_HIGH:
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self._paused and not self._gone:
             self._paused = True
             self._transport.pause_reading()
 
@@ -222,14 +248,22 @@ class WebSocketProtocol(asyncio.Protocol):
         assert inbox is not None
         call = self._hub._call
         conn = self._conn
+        reader = self._reader
+        handed = 0
         try:
             while inbox:
-                callback, args = inbox.popleft()
-                await call(conn, callback, *args)
+                callback, arg = inbox.popleft()
+                await call(conn, callback, arg)
+                handed += 1
+                if handed % INBOX_HIGH == 0:
+                    await asyncio.sleep(0)  # let other sockets and timers in
                 if self._paused and len(inbox) <= INBOX_LOW:
-                    self._paused = False
-                    if not self._gone:
-                        self._transport.resume_reading()
+                    while reader.pending and len(inbox) <= INBOX_LOW:
+                        self._read_buffered()
+                    if not reader.pending:
+                        self._paused = False
+                        if not self._gone:
+                            self._transport.resume_reading()
         finally:
             self._task = None
             self._inbox = None

@@ -298,7 +298,7 @@ class MessageReader:
 
     __slots__ = (
         "_buf", "_deflate", "_done", "_error", "_inflater", "_max", "_parts",
-        "_parts_compressed", "_parts_opcode", "_parts_size",
+        "_parts_compressed", "_parts_opcode", "_parts_size", "_pending",
     )
 
     def __init__(self, max_size: int, *, deflate: bool = False) -> None:
@@ -313,6 +313,7 @@ class MessageReader:
         """Opcode of the fragmented message being joined; 0 when there is none."""
         self._parts_size = 0
         self._parts_compressed = False
+        self._pending = False
 
     @property
     def done(self) -> bool:
@@ -324,11 +325,15 @@ class MessageReader:
         """The fault that stopped reading, if one did."""
         return self._error
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[Opcode, bytes | str]]:
-        """The events completed by ``data``, in order.
+    def feed(
+        self, data: bytes | bytearray | memoryview, limit: int = 0
+    ) -> list[tuple[Opcode, bytes | str]]:
+        """The events completed by ``data``, in order; at most ``limit`` if it is set.
 
-        On a fault, the events before it are returned and ``error`` says what broke
-        (with the close code to send); ``done`` is then True and nothing more is read.
+        Bytes past the ``limit``-th event stay buffered (``pending`` is then True):
+        ``feed(b"", limit)`` reads on. On a fault, the events before it are returned
+        and ``error`` says what broke (with the close code to send); ``done`` is then
+        True and nothing more is read.
         """
         events: list[tuple[Opcode, bytes | str]] = []
         if self._done:
@@ -340,12 +345,13 @@ class MessageReader:
         else:
             buf = data if isinstance(data, bytes) else bytes(data)
         try:
-            pos = self._read(buf, events)
+            pos = self._read(buf, events, limit or -1)
         except ProtocolError as exc:
             self._error = exc
             self._done = True
             self._buf = bytearray()
             self._parts = []
+            self._pending = False
             return events
         if buf is self._buf:
             del self._buf[:pos]
@@ -353,12 +359,47 @@ class MessageReader:
             self._buf = bytearray(buf[pos:])
         return events
 
-    def _read(self, buf: bytes | bytearray, events: list[tuple[Opcode, bytes | str]]) -> int:
+    @property
+    def pending(self) -> bool:
+        """True if the last ``feed`` stopped at its limit with bytes still to read."""
+        return self._pending
+
+    def _read(
+        self, buf: bytes | bytearray, events: list[tuple[Opcode, bytes | str]], limit: int
+    ) -> int:
         pos, end = 0, len(buf)
-        while end - pos >= 2 and not self._done:
+        maximum = self._max
+        append = events.append
+        self._pending = False
+        while end - pos >= 2:
+            if not limit:
+                self._pending = True
+                break
             b0, b1 = buf[pos], buf[pos + 1]
             if not b1 & 0x80:
                 raise ProtocolError("client frames must be masked")
+            length = b1 & 0x7F
+            if length < 126 and (b0 == 0x81 or b0 == 0x82) and not self._parts_opcode:
+                # The common case: a whole small text or binary message in one frame.
+                if length > maximum:
+                    self._check_data_frame(b0 & 0x0F, 0, length)  # raises 1009
+                start = pos + 6
+                if end < start + length:
+                    break
+                data = bytearray(buf[start : start + length])
+                _mask_in_place(bytes(buf[start - 4 : start]), data)
+                pos = start + length
+                limit -= 1
+                if b0 == 0x82:
+                    append((Opcode.BINARY, bytes(data)))
+                    continue
+                try:
+                    append((Opcode.TEXT, data.decode()))
+                except UnicodeDecodeError:
+                    raise ProtocolError(
+                        "text message is not valid UTF-8", CloseCode.INVALID_DATA
+                    ) from None
+                continue
             if b0 & 0x30:
                 raise ProtocolError("reserved bits set without a negotiated extension")
             opcode = b0 & 0x0F
@@ -366,7 +407,6 @@ class MessageReader:
                 raise ProtocolError(f"unknown opcode {opcode:#x}")
             fin = b0 & 0x80
             rsv1 = b0 & 0x40
-            length = b1 & 0x7F
             head = 6
             if length == 126:
                 if end - pos < 4:
@@ -396,11 +436,15 @@ class MessageReader:
             pos = start + length
             if opcode >= 0x8:
                 if opcode == Opcode.CLOSE:
-                    parse_close_payload(payload)
+                    parse_close_payload(payload)  # a bad one raises before it is an event
                     self._done = True
-                events.append((Opcode(opcode), payload))
+                limit -= 1
+                append((Opcode(opcode), payload))
+                if self._done:
+                    break
             elif opcode != Opcode.CONTINUATION and fin:
-                events.append(self._message(opcode, payload, bool(rsv1)))
+                limit -= 1
+                append(self._message(opcode, payload, bool(rsv1)))
             else:
                 if opcode != Opcode.CONTINUATION:
                     self._parts_opcode = opcode
@@ -410,7 +454,8 @@ class MessageReader:
                 if fin:
                     parts, self._parts = self._parts, []
                     op, self._parts_opcode, self._parts_size = self._parts_opcode, 0, 0
-                    events.append(self._message(op, b"".join(parts), self._parts_compressed))
+                    limit -= 1
+                    append(self._message(op, b"".join(parts), self._parts_compressed))
         return pos
 
     def _check_data_frame(self, opcode: int, rsv1: int, length: int) -> None:

@@ -305,6 +305,51 @@ async def test_reading_pauses_while_callbacks_lag_and_nothing_is_lost(serve: Ser
         await events.until(lambda: events.log[-1] == ("message", "after"))
 
 
+async def test_a_burst_in_one_read_is_parsed_a_bounded_batch_at_a_time(serve: Serve) -> None:
+    """2,000 messages in one write: the node never holds more than about INBOX_HIGH of
+    them waiting for on_message, yet all arrive, in order."""
+    events = Events()
+    waiting: list[int] = []
+
+    async def on_message(conn: Connection, msg: Message) -> None:
+        protocol = conn._protocol
+        assert protocol is not None and protocol._inbox is not None
+        waiting.append(len(protocol._inbox))
+        events.record("message", msg.data)
+
+    node = await start_node(serve, EventHandler(on_open=events.opened.put_nowait,
+                                                on_message=on_message))
+    texts = [f"{i:05d}" for i in range(2000)]
+    async with raw_clients() as clients:
+        client = await node.raw()
+        clients.append(client)
+        async with asyncio.timeout(WAIT):
+            await events.opened.get()
+        client.send(b"".join(masked_text(text) for text in texts))
+        await events.until(lambda: len(events.log) >= len(texts))
+    assert [e[1] for e in events.log] == texts
+    assert max(waiting) <= 2 * INBOX_HIGH
+
+
+async def test_a_burst_without_on_message_is_read_to_the_end(serve: Serve) -> None:
+    """With no callback to wait for, a read of more than INBOX_HIGH frames is parsed to
+    its end at once: reading never stays paused (a ping after the burst is answered)."""
+    node = await start_node(serve, EventHandler())
+    async with raw_clients() as clients:
+        client = await node.raw()
+        clients.append(client)
+        burst = b"".join(masked_text(f"{i}") for i in range(5 * INBOX_HIGH))
+        client.send(burst + build_frame(Opcode.PING, b"still there?", mask_key=MASK))
+        async with asyncio.timeout(WAIT):
+            while True:
+                frame = await client.recv_frame(WAIT)
+                assert frame is not None
+                if frame.opcode is Opcode.PONG:
+                    break
+        assert frame.payload == b"still there?"
+        assert node.hub.stats.messages_in == 5 * INBOX_HIGH
+
+
 # -- opening -------------------------------------------------------------------------
 
 

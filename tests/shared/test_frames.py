@@ -601,7 +601,7 @@ def test_reader_fails_what_rfc_6455_forbids(data: bytes, code: int, words: str) 
     """Each fault stops the reader with its close code, as soon as the bytes that show it
     are in (a frame over the limit is refused from its header, its payload never read)."""
     reader = MessageReader(100)
-    reader.feed(data)
+    assert reader.feed(data) == [], "the faulty frame was handed on"
     assert reader.error is not None, "accepted"
     assert reader.error.close_code == code
     assert words in str(reader.error)
@@ -669,3 +669,16 @@ def test_reader_unmasking_fallback_matches(key: bytes, data: bytes) -> None:
     _unmask_python(key, ours)
     websocket_mask(key, theirs)
     assert ours == theirs == apply_mask(key, data)
+
+
+def test_reader_limit_leaves_the_rest_buffered() -> None:
+    """feed(data, limit) returns at most ``limit`` events; the rest stays buffered
+    (``pending``) and feed(b"", limit) reads on, in order, to the last frame."""
+    frames = [_client(Opcode.TEXT, str(i).encode()) for i in range(10)]
+    reader = MessageReader(100)
+    assert reader.feed(b"".join(frames), 4) == [(Opcode.TEXT, str(i)) for i in range(4)]
+    assert reader.pending
+    assert reader.feed(b"", 4) == [(Opcode.TEXT, str(i)) for i in range(4, 8)]
+    assert reader.feed(b"", 4) == [(Opcode.TEXT, "8"), (Opcode.TEXT, "9")]
+    assert not reader.pending
+    assert reader.feed(b"") == []
