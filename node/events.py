@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 if TYPE_CHECKING:
     from node.connection import Connection
@@ -18,9 +18,12 @@ class MessageType(Enum):
     BINARY = "binary"
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One complete data message: ``data`` is ``str`` for text and ``bytes`` for binary."""
+class Message(NamedTuple):
+    """One complete data message: ``data`` is ``str`` for text and ``bytes`` for binary.
+
+    Immutable. A named tuple rather than a frozen dataclass: one is made per message
+    received, and a tuple is made in half the time.
+    """
 
     data: str | bytes
     type: MessageType
