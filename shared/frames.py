@@ -379,7 +379,11 @@ class MessageReader:
             if not b1 & 0x80:
                 raise ProtocolError("client frames must be masked")
             length = b1 & 0x7F
-            if length < 126 and (b0 == 0x81 or b0 == 0x82) and not self._parts_opcode:
+            if (
+                length < 126
+                and (b0 == 0x81 or b0 == 0x82 or (self._deflate and (b0 == 0xC1 or b0 == 0xC2)))
+                and not self._parts_opcode
+            ):
                 # The common case: a whole small text or binary message in one frame.
                 if length > maximum:
                     self._check_data_frame(b0 & 0x0F, 0, length)  # raises 1009
@@ -390,11 +394,12 @@ class MessageReader:
                 _mask_in_place(bytes(buf[start - 4 : start]), data)
                 pos = start + length
                 limit -= 1
-                if b0 == 0x82:
-                    append((Opcode.BINARY, bytes(data)))
+                message: bytes | bytearray = self._inflate(bytes(data)) if b0 & 0x40 else data
+                if b0 & 0x0F == 0x2:
+                    append((Opcode.BINARY, bytes(message)))
                     continue
                 try:
-                    append((Opcode.TEXT, data.decode()))
+                    append((Opcode.TEXT, message.decode()))
                 except UnicodeDecodeError:
                     raise ProtocolError(
                         "text message is not valid UTF-8", CloseCode.INVALID_DATA
