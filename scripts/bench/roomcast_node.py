@@ -14,7 +14,6 @@ worst event-loop lag since the last read (``sink_lag``, seconds): see ``Sink``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import _gcprobe
+from _sink import Sink
 
 from broker import create_broker
 from node import Connection, EventHandler, Hub, HubConfig, Message, get_hub
@@ -40,50 +40,6 @@ async def on_message(conn: Connection, msg: Message) -> None:
 
 
 HANDLER = EventHandler(on_message=on_message)
-
-
-class Sink:
-    """What the sink route received, and when the count last moved.
-
-    Every /stats call arms a 5 ms timer that notes when the count moves, until it has
-    not moved for 2 s (a timer always on would cost the idle node 3% CPU here). The
-    timer also keeps ``lag``: how late it ran at worst since /stats was last read,
-    i.e. the longest the event loop kept everything else (other sockets, Redis
-    replies) waiting.
-    """
-
-    enabled = False
-    messages = 0
-    last = 0.0
-    lag = 0.0
-    _due = 0.0
-    _seen = 0
-    _still = 0
-    _armed = False
-
-    @classmethod
-    def arm(cls) -> None:
-        cls._still = 0
-        if not cls._armed:
-            cls._armed = True
-            cls._due = time.perf_counter() + 0.005
-            asyncio.get_running_loop().call_later(0.005, cls._tick)
-
-    @classmethod
-    def _tick(cls) -> None:
-        now = time.perf_counter()
-        cls.lag = max(cls.lag, now - cls._due)
-        cls._due = now + 0.005
-        if cls.messages != cls._seen:
-            cls._seen = cls.messages
-            cls.last = now
-            cls._still = 0
-        else:
-            cls._still += 1
-        if cls._still < 400:
-            asyncio.get_running_loop().call_later(0.005, cls._tick)
-        else:
-            cls._armed = False
 
 
 async def count_message(conn: Connection, msg: Message) -> None:
