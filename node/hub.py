@@ -308,8 +308,8 @@ class Hub:
     def _connection_lost(self, conn: Connection, dispatching: asyncio.Task[None] | None) -> None:
         """The socket is gone: leave rooms and report on_close once the callbacks are done.
 
-        Shielded from cancellation (it runs in its own task) so cleanup happens even
-        while the node shuts down.
+        Runs in a task of its own, tracked in ``_finishing`` so that ``close`` waits
+        for it: cleanup happens even while the node shuts down.
         """
         finishing = asyncio.ensure_future(self._finish(conn, dispatching))
         self._finishing.add(finishing)
@@ -568,10 +568,6 @@ class Hub:
                     log.info("closing %s: no pong within %.1fs", conn.id, timeout,
                              extra={"conn_id": conn.id})
                     conn.abort(CloseCode.INTERNAL_ERROR, PONG_TIMEOUT_REASON)
-
-
-def _size(data: str | bytes) -> int:
-    return len(data.encode()) if isinstance(data, str) else len(data)
 
 
 HUB: Final = web.AppKey("roomcast_hub", Hub)
