@@ -325,8 +325,10 @@ def filter_alive(
     presence_ttl: float,
 ) -> set[ConnectionId]:
     """The connections in ``members`` (conn -> node) whose node's score is fresh at ``now``."""
-    alive = {_text(node) for node, score in scores if float(score) >= now - presence_ttl}
-    return {ConnectionId(_text(conn)) for conn, node in members.items() if _text(node) in alive}
+    alive = {as_text(node) for node, score in scores if float(score) >= now - presence_ttl}
+    return {
+        ConnectionId(as_text(conn)) for conn, node in members.items() if as_text(node) in alive
+    }
 
 
 def _seconds(reply: Any) -> float:
@@ -334,5 +336,28 @@ def _seconds(reply: Any) -> float:
     return float(seconds) + float(micros) / 1_000_000
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A Redis reply item as ``str`` (replies are bytes unless decoded)."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_positive(name: str, value: float) -> None:
+    """TypeError unless ``value`` is a number, ValueError unless it is > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_timing(heartbeat_interval: float, presence_ttl: float, reconnect_max_delay: float,
+                 health_check_interval: float) -> None:
+    """The timing settings every Redis broker takes, checked alike."""
+    check_positive("heartbeat_interval", heartbeat_interval)
+    check_positive("presence_ttl", presence_ttl)
+    check_positive("reconnect_max_delay", reconnect_max_delay)
+    check_positive("health_check_interval", health_check_interval)
+    if presence_ttl <= heartbeat_interval:
+        raise ValueError(
+            f"presence_ttl ({presence_ttl}) must exceed heartbeat_interval "
+            f"({heartbeat_interval}), or live nodes would be swept between heartbeats"
+        )

@@ -20,6 +20,7 @@ from broker._redis_common import (
     DEFAULT_SOCKET_TIMEOUT,
     TRANSPORT_ERRORS,
     Pipeliner,
+    check_positive,
     make_client,
     publish_bytes,
     read_room_members,
@@ -145,10 +146,7 @@ class Publisher(PublisherBase):
         if isinstance(url, str) and url.lower().startswith(_CLUSTER_SCHEMES):
             raise ValueError("Publisher takes redis://, rediss:// and unix:// URLs; for a "
                              "Redis Cluster use broker.ClusterPublisher (same methods)")
-        if isinstance(presence_ttl, bool) or not isinstance(presence_ttl, int | float):
-            raise TypeError(f"presence_ttl must be a number, got {type(presence_ttl).__name__}")
-        if not presence_ttl > 0:
-            raise ValueError(f"presence_ttl must be > 0, got {presence_ttl}")
+        check_positive("presence_ttl", presence_ttl)
         self._keys = Keys(prefix)
         self._url = url
         self._presence_ttl = float(presence_ttl)

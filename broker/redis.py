@@ -25,6 +25,8 @@ from broker._redis_common import (
     Command,
     Pipeliner,
     PublishLink,
+    as_text,
+    check_timing,
     describe_failure,
     make_client,
     open_connection,
@@ -122,15 +124,8 @@ class RedisBroker(EnvelopeReceiver):
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
         health_check_interval: float = 1.0,
     ) -> None:
-        _positive("heartbeat_interval", heartbeat_interval)
-        _positive("presence_ttl", presence_ttl)
-        _positive("reconnect_max_delay", reconnect_max_delay)
-        _positive("health_check_interval", health_check_interval)
-        if presence_ttl <= heartbeat_interval:
-            raise ValueError(
-                f"presence_ttl ({presence_ttl}) must exceed heartbeat_interval "
-                f"({heartbeat_interval}), or live nodes would be swept between heartbeats"
-            )
+        check_timing(heartbeat_interval, presence_ttl, reconnect_max_delay,
+                     health_check_interval)
         self._keys = Keys(prefix)
         self._url = url
         self._safe_url = redact_url(url)
@@ -382,7 +377,7 @@ class RedisBroker(EnvelopeReceiver):
         self._publish_down = None  # Redis answers again: publishes may try again
         if dead:
             log.info("removed the presence of dead nodes %s",
-                     ", ".join(_text(n) for n in dead))
+                     ", ".join(as_text(n) for n in dead))
         if added and self._presence:
             log.info("node %s was missing from Redis (swept or Redis restarted); "
                      "re-registering its presence", node)
@@ -540,14 +535,3 @@ class RedisBroker(EnvelopeReceiver):
 async def _disconnect(conn: AbstractConnection) -> None:
     with contextlib.suppress(*TRANSPORT_ERRORS):
         await conn.disconnect(nowait=True)
-
-
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

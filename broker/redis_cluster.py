@@ -36,7 +36,13 @@ from broker._cluster_common import (
 from broker._cluster_pubsub import ShardSubscriber
 from broker._keys import Keys, redact_url
 from broker._receiving import EnvelopeReceiver
-from broker._redis_common import DEFAULT_SOCKET_TIMEOUT, Command
+from broker._redis_common import (
+    DEFAULT_SOCKET_TIMEOUT,
+    Command,
+    as_text,
+    check_positive,
+    check_timing,
+)
 from broker.base import Deliver
 from broker.publisher import PublisherBase
 from broker.redis import _HEARTBEAT_LUA, _RESYNC_LUA, _WITHDRAW_LUA
@@ -73,15 +79,8 @@ class RedisClusterBroker(EnvelopeReceiver):
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
         health_check_interval: float = 1.0,
     ) -> None:
-        _positive("heartbeat_interval", heartbeat_interval)
-        _positive("presence_ttl", presence_ttl)
-        _positive("reconnect_max_delay", reconnect_max_delay)
-        _positive("health_check_interval", health_check_interval)
-        if presence_ttl <= heartbeat_interval:
-            raise ValueError(
-                f"presence_ttl ({presence_ttl}) must exceed heartbeat_interval "
-                f"({heartbeat_interval}), or live nodes would be swept between heartbeats"
-            )
+        check_timing(heartbeat_interval, presence_ttl, reconnect_max_delay,
+                     health_check_interval)
         self._keys = Keys(prefix, cluster=True)
         self._url = url
         self._safe_url = redact_url(url)
@@ -294,7 +293,7 @@ class RedisClusterBroker(EnvelopeReceiver):
         added, dead = reply
         if dead:
             log.info("removed the presence of dead nodes %s",
-                     ", ".join(_text(n) for n in dead))
+                     ", ".join(as_text(n) for n in dead))
         if (added and self._presence) or self._presence_dirty:
             if added and self._presence:
                 log.info("node %s was missing from Redis (swept or failed over); "
@@ -356,7 +355,7 @@ class ClusterPublisher(PublisherBase):
         presence_ttl: float = 5.0,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
     ) -> None:
-        _positive("presence_ttl", presence_ttl)
+        check_positive("presence_ttl", presence_ttl)
         self._keys = Keys(prefix, cluster=True)
         self._url = url
         self._presence_ttl = float(presence_ttl)
@@ -387,14 +386,3 @@ def _raise_first(replies: list[Any]) -> None:
     failure = next((r for r in replies if isinstance(r, Exception)), None)
     if failure is not None:
         raise failure
-
-
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
