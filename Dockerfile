@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Only what the package needs (see pyproject.toml: packages node, broker, shared; readme).
+# Only what the package needs (pyproject.toml installs node/, broker/, shared/ as
+# roomcast.node, roomcast.broker, roomcast.shared; the readme).
 COPY pyproject.toml README.md /tmp/roomcast/
 COPY node /tmp/roomcast/node
 COPY broker /tmp/roomcast/broker

@@ -9,10 +9,10 @@ the cluster ones.
 
 from __future__ import annotations
 
-from broker.base import Broker, Deliver
-from broker.memory import MemoryBroker, MemoryBus
-from broker.publisher import Publisher
-from broker.redis_cluster import ClusterPublisher
+from roomcast.broker.base import Broker, Deliver
+from roomcast.broker.memory import MemoryBroker, MemoryBus
+from roomcast.broker.publisher import Publisher
+from roomcast.broker.redis_cluster import ClusterPublisher
 
 __all__ = [
     "Broker", "ClusterPublisher", "Deliver", "MemoryBroker", "MemoryBus", "Publisher",
@@ -37,14 +37,14 @@ def create_broker(
     if url is None or url == "" or url == "memory://":
         return MemoryBroker()
     if url.lower().startswith(_CLUSTER_SCHEMES):
-        from broker.redis_cluster import RedisClusterBroker
+        from roomcast.broker.redis_cluster import RedisClusterBroker
 
         return RedisClusterBroker(
             url, prefix=prefix, heartbeat_interval=heartbeat_interval,
             presence_ttl=presence_ttl,
         )
     if url.startswith(_REDIS_SCHEMES):
-        from broker.redis import RedisBroker
+        from roomcast.broker.redis import RedisBroker
 
         return RedisBroker(
             url, prefix=prefix, heartbeat_interval=heartbeat_interval,

@@ -35,10 +35,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from broker._keys import Keys, redact_url
-from broker._redis_common import TRANSPORT_ERRORS, Command, describe_failure, filter_alive
-from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, Room
+from roomcast.broker._keys import Keys, redact_url
+from roomcast.broker._redis_common import TRANSPORT_ERRORS, Command, describe_failure, filter_alive
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import ConnectionId, Room
 
 log = logging.getLogger("roomcast.broker.redis_cluster")
 

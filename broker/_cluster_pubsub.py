@@ -34,7 +34,11 @@ from redis.exceptions import AskError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from broker._cluster_common import CLUSTER_ERRORS, TopologyRefresher, describe_cluster_failure
+from roomcast.broker._cluster_common import (
+    CLUSTER_ERRORS,
+    TopologyRefresher,
+    describe_cluster_failure,
+)
 
 log = logging.getLogger("roomcast.broker.redis_cluster")
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from shared.envelope import Envelope, Kind
-from shared.ids import node_of
+from roomcast.shared.envelope import Envelope, Kind
+from roomcast.shared.ids import node_of
 
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 

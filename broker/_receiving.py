@@ -7,12 +7,12 @@ import time
 from collections.abc import Iterable
 from typing import Final
 
-from broker._keys import Keys
-from broker._redis_common import Command
-from broker.base import Deliver
-from shared.envelope import Kind, decode
-from shared.errors import BrokerError, EnvelopeError
-from shared.ids import ConnectionId, NodeId, Room, node_of, validate_room
+from roomcast.broker._keys import Keys
+from roomcast.broker._redis_common import Command
+from roomcast.broker.base import Deliver
+from roomcast.shared.envelope import Kind, decode
+from roomcast.shared.errors import BrokerError, EnvelopeError
+from roomcast.shared.ids import ConnectionId, NodeId, Room, node_of, validate_room
 
 log = logging.getLogger("roomcast.broker.redis")
 

@@ -21,9 +21,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from broker._keys import Keys, redact_url
-from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, Room
+from roomcast.broker._keys import Keys, redact_url
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import ConnectionId, Room
 
 DEFAULT_SOCKET_TIMEOUT: Final = 2.0
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
-from shared.envelope import Envelope
-from shared.ids import ConnectionId, NodeId, Room
+from roomcast.shared.envelope import Envelope
+from roomcast.shared.ids import ConnectionId, NodeId, Room
 
 Deliver = Callable[[Envelope], None]
 """Called by the broker, on the event loop, for every valid envelope from another node."""

@@ -11,10 +11,10 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from broker.base import Deliver
-from shared.envelope import Envelope, Kind, decode, encode
-from shared.errors import BrokerError, EnvelopeError
-from shared.ids import ConnectionId, NodeId, Room, node_of
+from roomcast.broker.base import Deliver
+from roomcast.shared.envelope import Envelope, Kind, decode, encode
+from roomcast.shared.errors import BrokerError, EnvelopeError
+from roomcast.shared.ids import ConnectionId, NodeId, Room, node_of
 
 log = logging.getLogger("roomcast.broker.memory")
 

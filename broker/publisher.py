@@ -15,8 +15,8 @@ import time
 from types import TracebackType
 from typing import Self
 
-from broker._keys import Keys
-from broker._redis_common import (
+from roomcast.broker._keys import Keys
+from roomcast.broker._redis_common import (
     DEFAULT_SOCKET_TIMEOUT,
     TRANSPORT_ERRORS,
     Pipeliner,
@@ -25,9 +25,9 @@ from broker._redis_common import (
     publish_bytes,
     read_room_members,
 )
-from shared.envelope import Envelope, Kind, encode
-from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, Room, node_of, validate_room
+from roomcast.shared.envelope import Envelope, Kind, encode
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import ConnectionId, Room, node_of, validate_room
 
 Data = str | bytes
 """A message: ``str`` is sent as a text frame, ``bytes`` as a binary frame."""

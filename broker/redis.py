@@ -17,9 +17,9 @@ from typing import Any, Final
 
 from redis.asyncio.connection import AbstractConnection
 
-from broker._keys import Keys, redact_url
-from broker._receiving import EnvelopeReceiver
-from broker._redis_common import (
+from roomcast.broker._keys import Keys, redact_url
+from roomcast.broker._receiving import EnvelopeReceiver
+from roomcast.broker._redis_common import (
     DEFAULT_SOCKET_TIMEOUT,
     TRANSPORT_ERRORS,
     Command,
@@ -33,10 +33,10 @@ from broker._redis_common import (
     publish_bytes,
     read_room_members,
 )
-from broker.base import Deliver
-from shared.envelope import Envelope, encode
-from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, NodeId, Room, validate_node_id, validate_room
+from roomcast.broker.base import Deliver
+from roomcast.shared.envelope import Envelope, encode
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import ConnectionId, NodeId, Room, validate_node_id, validate_room
 
 log = logging.getLogger("roomcast.broker.redis")
 

@@ -24,7 +24,7 @@ import contextlib
 import logging
 from typing import Any
 
-from broker._cluster_common import (
+from roomcast.broker._cluster_common import (
     CLUSTER_ERRORS,
     ShardPipeliner,
     TopologyRefresher,
@@ -33,22 +33,22 @@ from broker._cluster_common import (
     read_cluster_room_members,
     spublish_bytes,
 )
-from broker._cluster_pubsub import ShardSubscriber
-from broker._keys import Keys, redact_url
-from broker._receiving import EnvelopeReceiver
-from broker._redis_common import (
+from roomcast.broker._cluster_pubsub import ShardSubscriber
+from roomcast.broker._keys import Keys, redact_url
+from roomcast.broker._receiving import EnvelopeReceiver
+from roomcast.broker._redis_common import (
     DEFAULT_SOCKET_TIMEOUT,
     Command,
     as_text,
     check_positive,
     check_timing,
 )
-from broker.base import Deliver
-from broker.publisher import PublisherBase
-from broker.redis import _HEARTBEAT_LUA, _RESYNC_LUA, _WITHDRAW_LUA
-from shared.envelope import Envelope, encode
-from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, NodeId, Room, validate_node_id, validate_room
+from roomcast.broker.base import Deliver
+from roomcast.broker.publisher import PublisherBase
+from roomcast.broker.redis import _HEARTBEAT_LUA, _RESYNC_LUA, _WITHDRAW_LUA
+from roomcast.shared.envelope import Envelope, encode
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import ConnectionId, NodeId, Room, validate_node_id, validate_room
 
 __all__ = ["ClusterPublisher", "RedisClusterBroker"]
 

@@ -1,10 +1,10 @@
 """One roomcast node: the Hub, its connections and the aiohttp integration."""
 
-from node.connection import Connection, ConnectionState
-from node.events import EventHandler, Message, MessageType
-from node.hub import HUB, Hub, HubStats, get_hub
-from shared.config import HubConfig
-from shared.protocol import CloseCode
+from roomcast.node.connection import Connection, ConnectionState
+from roomcast.node.events import EventHandler, Message, MessageType
+from roomcast.node.hub import HUB, Hub, HubStats, get_hub
+from roomcast.shared.config import HubConfig
+from roomcast.shared.protocol import CloseCode
 
 __all__ = [
     "HUB",

@@ -22,9 +22,9 @@ from typing import Final
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from node.hub import Data, Hub
-from shared.errors import BrokerError
-from shared.ids import Room, node_of, validate_room
+from roomcast.node.hub import Data, Hub
+from roomcast.shared.errors import BrokerError
+from roomcast.shared.ids import Room, node_of, validate_room
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

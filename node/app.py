@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from broker import Broker
-from node.api import setup_api
-from node.demo import add_demo_routes
-from node.hub import Hub
-from node.metrics import setup_metrics
-from shared.config import HubConfig
+from roomcast.broker import Broker
+from roomcast.node.api import setup_api
+from roomcast.node.demo import add_demo_routes
+from roomcast.node.hub import Hub
+from roomcast.node.metrics import setup_metrics
+from roomcast.shared.config import HubConfig
 
 
 @dataclass(frozen=True, slots=True)

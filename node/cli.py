@@ -15,11 +15,11 @@ from typing import Any
 
 from aiohttp import web
 
-from broker import create_broker
-from node.app import NodeOptions, create_app
-from node.hub import HUB
-from node.logs import configure_logging, set_node_id
-from shared.config import (
+from roomcast.broker import create_broker
+from roomcast.node.app import NodeOptions, create_app
+from roomcast.node.hub import HUB
+from roomcast.node.logs import configure_logging, set_node_id
+from roomcast.shared.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_PING_INTERVAL_MS,
@@ -27,7 +27,7 @@ from shared.config import (
     DEFAULT_SEND_BUFFER_LIMIT,
     HubConfig,
 )
-from shared.errors import BrokerError
+from roomcast.shared.errors import BrokerError
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure_logging(values["log_level"], values["log_format"])
     if values["workers"] > 1:
-        from node.supervisor import Supervisor
+        from roomcast.node.supervisor import Supervisor
 
         argv_list = list(sys.argv[1:] if argv is None else argv)
         # Workers get the drain time plus a margin before they are killed.

@@ -22,16 +22,16 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Final
 
-from node.protocol import CLOSE_TIMEOUT
-from shared.errors import ConnectionClosedError
-from shared.frames import PreparedMessage, build_frame, close_payload
-from shared.ids import ConnectionId, Room
-from shared.protocol import CloseCode, Opcode
+from roomcast.node.protocol import CLOSE_TIMEOUT
+from roomcast.shared.errors import ConnectionClosedError
+from roomcast.shared.frames import PreparedMessage, build_frame, close_payload
+from roomcast.shared.ids import ConnectionId, Room
+from roomcast.shared.protocol import CloseCode, Opcode
 
 if TYPE_CHECKING:
-    from node.events import EventHandler
-    from node.hub import Hub
-    from node.protocol import WebSocketProtocol
+    from roomcast.node.events import EventHandler
+    from roomcast.node.hub import Hub
+    from roomcast.node.protocol import WebSocketProtocol
 
 SLOW_CONSUMER_REASON: Final = "slow consumer"
 

@@ -16,11 +16,11 @@ from typing import Final
 
 from aiohttp import web
 
-from node.connection import Connection
-from node.events import EventHandler, Message
-from node.hub import get_hub
-from shared.errors import BrokerError, PublishError
-from shared.ids import validate_room
+from roomcast.node.connection import Connection
+from roomcast.node.events import EventHandler, Message
+from roomcast.node.hub import get_hub
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import validate_room
 
 DEFAULT_ROOM: Final = "general"
 MAX_NAME_LENGTH: Final = 40

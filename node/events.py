@@ -8,7 +8,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 if TYPE_CHECKING:
-    from node.connection import Connection
+    from roomcast.node.connection import Connection
 
 
 class MessageType(Enum):

@@ -19,18 +19,18 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.http_websocket import ws_ext_gen, ws_ext_parse
 
-from broker import Broker, MemoryBroker
-from node._takeover import Upgraded, take_over
-from node.connection import Connection, ConnectionState
-from node.events import EventHandler
-from node.protocol import WebSocketProtocol
-from node.rooms import RoomIndex
-from shared.config import HubConfig
-from shared.envelope import Envelope, Kind
-from shared.errors import HandshakeError
-from shared.frames import MessageReader, PreparedMessage, build_frame
-from shared.handshake import handshake_response, origin_allowed, validate_upgrade_request
-from shared.ids import (
+from roomcast.broker import Broker, MemoryBroker
+from roomcast.node._takeover import Upgraded, take_over
+from roomcast.node.connection import Connection, ConnectionState
+from roomcast.node.events import EventHandler
+from roomcast.node.protocol import WebSocketProtocol
+from roomcast.node.rooms import RoomIndex
+from roomcast.shared.config import HubConfig
+from roomcast.shared.envelope import Envelope, Kind
+from roomcast.shared.errors import HandshakeError
+from roomcast.shared.frames import MessageReader, PreparedMessage, build_frame
+from roomcast.shared.handshake import handshake_response, origin_allowed, validate_upgrade_request
+from roomcast.shared.ids import (
     ConnectionId,
     NodeId,
     Room,
@@ -39,7 +39,7 @@ from shared.ids import (
     node_of,
     validate_room,
 )
-from shared.protocol import CloseCode, Opcode
+from roomcast.shared.protocol import CloseCode, Opcode
 
 log = logging.getLogger("roomcast.node")
 

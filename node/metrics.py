@@ -38,8 +38,8 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from broker import Broker
-from node.hub import Hub, HubStats
+from roomcast.broker import Broker
+from roomcast.node.hub import Hub, HubStats
 
 log = logging.getLogger("roomcast.metrics")
 

@@ -23,14 +23,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from node.events import Message, MessageType
-from shared.errors import ProtocolError
-from shared.frames import MessageReader, build_frame, close_payload, parse_close_payload
-from shared.protocol import CloseCode, Opcode
+from roomcast.node.events import Message, MessageType
+from roomcast.shared.errors import ProtocolError
+from roomcast.shared.frames import MessageReader, build_frame, close_payload, parse_close_payload
+from roomcast.shared.protocol import CloseCode, Opcode
 
 if TYPE_CHECKING:
-    from node.connection import Connection
-    from node.hub import Hub
+    from roomcast.node.connection import Connection
+    from roomcast.node.hub import Hub
 
 log = logging.getLogger("roomcast.node")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
-from shared.ids import ConnectionId, Room
+from roomcast.shared.ids import ConnectionId, Room
 
 T = TypeVar("T")
 

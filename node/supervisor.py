@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Final
 
-from node.metrics import MULTIPROC_ENV, mark_worker_dead
+from roomcast.node.metrics import MULTIPROC_ENV, mark_worker_dead
 
 log = logging.getLogger("roomcast.supervisor")
 
@@ -65,7 +65,7 @@ class Supervisor:
     """Keeps ``count`` worker processes running until told to stop."""
 
     def __init__(self, argv: Sequence[str], count: int, drain_seconds: float = 30.0) -> None:
-        self._worker_argv = [sys.executable, "-m", "node.cli", *argv,
+        self._worker_argv = [sys.executable, "-m", "roomcast.node.cli", *argv,
                              "--workers", "1", "--reuse-port"]
         self._count = count
         self._drain_seconds = drain_seconds

@@ -1,8 +1,8 @@
 """What node and broker both speak: config, ids, frames, handshake, envelope. No I/O."""
 
-from shared.config import HubConfig
-from shared.envelope import Envelope, Kind, decode, encode
-from shared.errors import (
+from roomcast.shared.config import HubConfig
+from roomcast.shared.envelope import Envelope, Kind, decode, encode
+from roomcast.shared.errors import (
     BrokerError,
     ConnectionClosedError,
     EnvelopeError,
@@ -11,9 +11,9 @@ from shared.errors import (
     PublishError,
     RoomcastError,
 )
-from shared.frames import Frame, PreparedMessage, build_frame, parse_frame
-from shared.ids import ConnectionId, NodeId, Room, node_of
-from shared.protocol import CloseCode, Opcode
+from roomcast.shared.frames import Frame, PreparedMessage, build_frame, parse_frame
+from roomcast.shared.ids import ConnectionId, NodeId, Room, node_of
+from roomcast.shared.protocol import CloseCode, Opcode
 
 __all__ = [
     "BrokerError",

@@ -13,8 +13,8 @@ from typing import Final
 
 import msgpack
 
-from shared.errors import EnvelopeError
-from shared.ids import ConnectionId, NodeId, node_of, validate_node_id, validate_room
+from roomcast.shared.errors import EnvelopeError
+from roomcast.shared.ids import ConnectionId, NodeId, node_of, validate_node_id, validate_room
 
 ENVELOPE_VERSION: Final = 1
 _FIELDS: Final = 8

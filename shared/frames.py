@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from shared.errors import ProtocolError
-from shared.protocol import CloseCode, Opcode, is_sendable_close_code
+from roomcast.shared.errors import ProtocolError
+from roomcast.shared.protocol import CloseCode, Opcode, is_sendable_close_code
 
 MAX_CONTROL_PAYLOAD: Final = 125
 DEFLATE_TRAILER: Final = b"\x00\x00\xff\xff"

@@ -13,8 +13,8 @@ import binascii
 import hashlib
 from collections.abc import Mapping
 
-from shared.errors import HandshakeError
-from shared.protocol import WS_GUID, WS_VERSION
+from roomcast.shared.errors import HandshakeError
+from roomcast.shared.protocol import WS_GUID, WS_VERSION
 
 
 def _tokens(value: str) -> set[str]:

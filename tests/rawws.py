@@ -7,8 +7,8 @@ import base64
 import contextlib
 import os
 
-from shared.frames import Frame, parse_frame
-from shared.handshake import accept_key
+from roomcast.shared.frames import Frame, parse_frame
+from roomcast.shared.handshake import accept_key
 
 
 class RawClient:

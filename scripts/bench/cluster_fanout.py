@@ -31,9 +31,9 @@ import _lib
 import fanout
 import redis
 
-from broker import create_broker
-from shared.envelope import Envelope, Kind
-from shared.ids import NodeId, Room
+from roomcast.broker import create_broker
+from roomcast.shared.envelope import Envelope, Kind
+from roomcast.shared.ids import NodeId, Room
 from tests.redis_cluster import LocalRedisCluster
 from tests.redis_server import RedisServer
 
@@ -127,7 +127,7 @@ class Storm:
 
 
 async def storm(backend: Backend, envelopes: int, size: int, rooms: int = 64) -> Storm:
-    """``envelopes`` publishes over ``rooms`` rooms from broker a, all received by b."""
+    """``envelopes`` publishes over ``rooms`` rooms from roomcast.broker a, all received by b."""
     got = 0
     done = asyncio.Event()
 

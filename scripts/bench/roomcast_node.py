@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import _gcprobe
 from _sink import Sink
 
-from broker import create_broker
-from node import Connection, EventHandler, Hub, HubConfig, Message, get_hub
+from roomcast.broker import create_broker
+from roomcast.node import Connection, EventHandler, Hub, HubConfig, Message, get_hub
 
 TIMINGS: list[float] = []
 _STARTED: list[float] = []

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from broker.redis import RedisBroker
-from shared.ids import NodeId
+from roomcast.broker.redis import RedisBroker
+from roomcast.shared.ids import NodeId
 from tests.broker.helpers import Inbox, Node
 from tests.redis_server import RedisServer
 

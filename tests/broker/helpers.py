@@ -8,9 +8,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from broker.redis import RedisBroker
-from shared.envelope import Envelope, Kind
-from shared.ids import ConnectionId, NodeId
+from roomcast.broker.redis import RedisBroker
+from roomcast.shared.envelope import Envelope, Kind
+from roomcast.shared.ids import ConnectionId, NodeId
 
 DEFAULT_TIMEOUT = 10.0
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from broker.publisher import Publisher
-from shared.envelope import Kind
-from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, Room
+from roomcast.broker.publisher import Publisher
+from roomcast.shared.envelope import Kind
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import ConnectionId, Room
 from tests.broker.conftest import MakeNode
 from tests.broker.helpers import eventually
 from tests.redis_server import RedisServer

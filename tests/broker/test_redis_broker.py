@@ -13,14 +13,14 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 
-from broker import create_broker
-from broker._keys import Keys, redact_url
-from broker._redis_common import Pipeliner, filter_alive, read_room_members
-from broker.base import Broker
-from broker.redis import RedisBroker
-from shared.envelope import Envelope, Kind, encode
-from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, NodeId, Room
+from roomcast.broker import create_broker
+from roomcast.broker._keys import Keys, redact_url
+from roomcast.broker._redis_common import Pipeliner, filter_alive, read_room_members
+from roomcast.broker.base import Broker
+from roomcast.broker.redis import RedisBroker
+from roomcast.shared.envelope import Envelope, Kind, encode
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import ConnectionId, NodeId, Room
 from tests.broker.conftest import MakeNode
 from tests.broker.helpers import Inbox, envelope, eventually, sync_with
 from tests.redis_server import RedisServer
@@ -351,8 +351,8 @@ async def test_close_removes_presence_and_node_entry(
 
 _CRASHING_NODE = """
 import asyncio, sys
-from broker.redis import RedisBroker
-from shared.ids import ConnectionId, NodeId, Room
+from roomcast.broker.redis import RedisBroker
+from roomcast.shared.ids import ConnectionId, NodeId, Room
 
 async def main() -> None:
     broker = RedisBroker(sys.argv[1], heartbeat_interval=0.1, presence_ttl=0.5)

@@ -21,14 +21,14 @@ import msgpack
 import pytest
 from redis.crc import key_slot
 
-from broker import ClusterPublisher, create_broker
-from broker._cluster_common import parse_cluster_url
-from broker._keys import Keys
-from broker.base import Broker
-from broker.redis_cluster import RedisClusterBroker
-from shared.envelope import Envelope, Kind
-from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, NodeId, Room
+from roomcast.broker import ClusterPublisher, create_broker
+from roomcast.broker._cluster_common import parse_cluster_url
+from roomcast.broker._keys import Keys
+from roomcast.broker.base import Broker
+from roomcast.broker.redis_cluster import RedisClusterBroker
+from roomcast.shared.envelope import Envelope, Kind
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import ConnectionId, NodeId, Room
 from tests.broker.helpers import Inbox, envelope, eventually
 from tests.redis_cluster import LocalRedisCluster
 
@@ -343,8 +343,8 @@ async def test_presence_is_shared_across_nodes_in_one_slot(
 
 _CRASHING_NODE = """
 import asyncio, sys
-from broker.redis_cluster import RedisClusterBroker
-from shared.ids import ConnectionId, NodeId, Room
+from roomcast.broker.redis_cluster import RedisClusterBroker
+from roomcast.shared.ids import ConnectionId, NodeId, Room
 
 async def main() -> None:
     broker = RedisClusterBroker(sys.argv[1], prefix=sys.argv[2], heartbeat_interval=0.1,

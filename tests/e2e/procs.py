@@ -54,7 +54,7 @@ class NodeProcess:
     def start(self, attempts: int = 3) -> NodeProcess:
         """Start and wait until it listens; on a port taken meanwhile, retry on a new one."""
         for attempt in range(attempts):
-            cmd = [sys.executable, "-m", "node.cli", "serve", "--host", "127.0.0.1",
+            cmd = [sys.executable, "-m", "roomcast.node.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), *self.args]
             with open(self._log_path, "ab") as log:
                 self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log,

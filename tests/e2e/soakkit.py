@@ -11,7 +11,7 @@
   when; ``Ledger.evaluate`` accounts for every message (``Report``).
 - Processes: ``InstrumentedNode`` runs ``roomcast serve`` with one extra route,
   ``GET /_soak/debug`` (asyncio task count and open fds of the node process), added by
-  wrapping ``node.cli.create_app`` in the child: the library itself is unchanged.
+  wrapping ``roomcast.node.cli.create_app`` in the child: the library itself is unchanged.
   ``Cluster`` starts a private redis-server, the nodes and optionally haproxy, and stops
   each by PID.
 - Probes: ``scrape`` (unlabelled /metrics samples), ``debug``, ``rss_bytes``,
@@ -785,7 +785,7 @@ def _describe(task: asyncio.Task[Any]) -> str:
 def _serve_instrumented(argv: list[str]) -> int:
     from aiohttp import web
 
-    import node.cli as cli
+    import roomcast.node.cli as cli
 
     original = cli.create_app
 

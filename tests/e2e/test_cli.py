@@ -63,7 +63,7 @@ def test_invalid_settings_stop_startup_naming_the_setting(
 ) -> None:
     """A bad value exits with status 2 and a message that names the setting."""
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "serve", *args], cwd=REPO,
+        [sys.executable, "-m", "roomcast.node.cli", "serve", *args], cwd=REPO,
         env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2
@@ -73,7 +73,7 @@ def test_invalid_settings_stop_startup_naming_the_setting(
 def test_help_documents_every_setting_with_its_variable() -> None:
     """serve --help names each ROOMCAST_* variable."""
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "serve", "--help"], cwd=REPO,
+        [sys.executable, "-m", "roomcast.node.cli", "serve", "--help"], cwd=REPO,
         capture_output=True, text=True, timeout=30,
     )
     for var in ("ROOMCAST_PORT", "ROOMCAST_MAX_CONNECTIONS", "ROOMCAST_ALLOWED_ORIGINS",
@@ -87,7 +87,7 @@ def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
 
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "serve", "--port", "0", "--redis", url],
+        [sys.executable, "-m", "roomcast.node.cli", "serve", "--port", "0", "--redis", url],
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 1
@@ -98,7 +98,7 @@ def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
 def test_empty_api_key_is_refused() -> None:
     """An empty API key is a configuration error, not an API without a key."""
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "serve", "--check"], cwd=REPO,
+        [sys.executable, "-m", "roomcast.node.cli", "serve", "--check"], cwd=REPO,
         env={**os.environ, "ROOMCAST_API_KEY": ""}, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2

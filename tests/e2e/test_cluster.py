@@ -14,7 +14,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from broker.publisher import Publisher
+from roomcast.broker.publisher import Publisher
 from tests.e2e.procs import NodeProcess
 from tests.redis_server import RedisServer
 
@@ -206,7 +206,7 @@ def test_workers_without_redis_are_refused() -> None:
     from tests.e2e.procs import REPO
 
     result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "serve", "--workers", "2"], cwd=REPO,
+        [sys.executable, "-m", "roomcast.node.cli", "serve", "--workers", "2"], cwd=REPO,
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2

@@ -260,7 +260,7 @@ def test_check_sees_the_environment() -> None:
 
 @pytest.mark.parametrize("name", NODE_SERVICES)
 def test_node_service_reaches_redis_restarts_and_drains(name: str) -> None:
-    from node.cli import _SERVE_OPTIONS
+    from roomcast.node.cli import _SERVE_OPTIONS
 
     service = SERVICES[name]
     env = {**dockerfile_env(), **service_env(service)}

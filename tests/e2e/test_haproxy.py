@@ -253,7 +253,7 @@ def _what_it_started(proc: subprocess.Popen[bytes], out: Path,
     kinds = sorted(
         "haproxy" if "haproxy" in cmd.split()[0] else
         "redis" if "redis-server" in cmd.split()[0] else
-        "node" if "node.cli serve" in cmd else cmd
+        "node" if "roomcast.node.cli serve" in cmd else cmd
         for cmd in children.values()
     )
     assert kinds == ["haproxy", "node", "node", "redis"], children

@@ -34,9 +34,9 @@ import websockets
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection
 
-from node import EventHandler, Hub
-from shared.frames import apply_mask, deflate_message, inflate_message, parse_close_payload
-from shared.protocol import Opcode
+from roomcast.node import EventHandler, Hub
+from roomcast.shared.frames import apply_mask, deflate_message, inflate_message, parse_close_payload
+from roomcast.shared.protocol import Opcode
 from tests.e2e.procs import NodeProcess
 from tests.rawws import RawClient
 

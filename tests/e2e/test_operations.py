@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 from websockets.protocol import State
 
-from broker.publisher import Publisher
+from roomcast.broker.publisher import Publisher
 from tests.e2e.procs import NodeProcess
 from tests.redis_server import RedisServer
 

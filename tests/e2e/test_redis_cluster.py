@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.crc import key_slot
 
-from broker._keys import Keys
-from broker.redis_cluster import RedisClusterBroker
-from shared.envelope import Kind
-from shared.errors import PublishError
-from shared.ids import ConnectionId, NodeId, Room
+from roomcast.broker._keys import Keys
+from roomcast.broker.redis_cluster import RedisClusterBroker
+from roomcast.shared.envelope import Kind
+from roomcast.shared.errors import PublishError
+from roomcast.shared.ids import ConnectionId, NodeId, Room
 from tests.broker.helpers import Inbox, envelope, eventually
 from tests.e2e.procs import NodeProcess
 from tests.e2e.test_cluster import chat

@@ -19,12 +19,12 @@ import pytest
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 
-from broker import Broker, MemoryBroker, MemoryBus
-from node import HUB, Connection, EventHandler, Hub, HubConfig
-from node.app import NodeOptions, create_app
-from shared.envelope import Envelope
-from shared.errors import BrokerError, PublishError
-from shared.ids import ConnectionId, Room
+from roomcast.broker import Broker, MemoryBroker, MemoryBus
+from roomcast.node import HUB, Connection, EventHandler, Hub, HubConfig
+from roomcast.node.app import NodeOptions, create_app
+from roomcast.shared.envelope import Envelope
+from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.ids import ConnectionId, Room
 
 Serve = Callable[[web.Application], Awaitable[str]]
 

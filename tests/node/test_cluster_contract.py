@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from broker import Broker, MemoryBroker, MemoryBus
-from node import Connection, EventHandler, Hub, Message
+from roomcast.broker import Broker, MemoryBroker, MemoryBus
+from roomcast.node import Connection, EventHandler, Hub, Message
 from tests.redis_cluster import LocalRedisCluster
 from tests.redis_server import RedisServer
 
@@ -110,7 +110,7 @@ async def cluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator
         def make_broker() -> Broker:
             return MemoryBroker(bus)
     elif request.param == "redis-cluster":
-        from broker.redis_cluster import RedisClusterBroker
+        from roomcast.broker.redis_cluster import RedisClusterBroker
 
         cluster_url = request.getfixturevalue("redis_cluster").url
         prefix = f"contract{next(_prefixes)}"
@@ -118,7 +118,7 @@ async def cluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator
         def make_broker() -> Broker:
             return RedisClusterBroker(cluster_url, prefix=prefix)
     else:
-        from broker.redis import RedisBroker
+        from roomcast.broker.redis import RedisBroker
 
         redis_server = RedisServer().start()
         url = redis_server.url

@@ -30,8 +30,8 @@ import websockets
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection
 
-from node import HUB, Connection, EventHandler, Hub, HubConfig, Message
-from node.app import NodeOptions, create_app
+from roomcast.node import HUB, Connection, EventHandler, Hub, HubConfig, Message
+from roomcast.node.app import NodeOptions, create_app
 
 Serve = Callable[[web.Application], Awaitable[str]]
 

@@ -12,10 +12,18 @@ import pytest
 import websockets
 from aiohttp import web
 
-from node import CloseCode, Connection, ConnectionState, EventHandler, Hub, HubConfig, Message
-from node.app import create_app
-from node.hub import get_hub
-from shared.errors import ConnectionClosedError
+from roomcast.node import (
+    CloseCode,
+    Connection,
+    ConnectionState,
+    EventHandler,
+    Hub,
+    HubConfig,
+    Message,
+)
+from roomcast.node.app import create_app
+from roomcast.node.hub import get_hub
+from roomcast.shared.errors import ConnectionClosedError
 
 Serve = Callable[[web.Application], Awaitable[str]]
 

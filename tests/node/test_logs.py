@@ -13,8 +13,8 @@ import pytest
 import websockets
 from aiohttp import web
 
-from node import Connection, EventHandler, Hub, Message
-from node.logs import configure_logging, set_node_id
+from roomcast.node import Connection, EventHandler, Hub, Message
+from roomcast.node.logs import configure_logging, set_node_id
 
 Serve = Callable[[web.Application], Awaitable[str]]
 
@@ -116,7 +116,7 @@ def test_probe_requests_are_not_access_logged() -> None:
     import io
     import logging
 
-    from node.logs import configure_logging
+    from roomcast.node.logs import configure_logging
 
     stream = io.StringIO()
     handler = configure_logging("INFO", "text", "n1", stream=stream)

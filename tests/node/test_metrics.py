@@ -13,13 +13,13 @@ import websockets
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import MemoryBroker, MemoryBus
-from node import Connection, ConnectionState, EventHandler, Hub, HubConfig, Message
-from node.app import create_app
-from node.hub import HUB
-from node.metrics import LATENCY_BUCKETS, setup_metrics
-from shared.envelope import Kind
-from shared.protocol import CloseCode
+from roomcast.broker import MemoryBroker, MemoryBus
+from roomcast.node import Connection, ConnectionState, EventHandler, Hub, HubConfig, Message
+from roomcast.node.app import create_app
+from roomcast.node.hub import HUB
+from roomcast.node.metrics import LATENCY_BUCKETS, setup_metrics
+from roomcast.shared.envelope import Kind
+from roomcast.shared.protocol import CloseCode
 
 Serve = Callable[[web.Application], Awaitable[str]]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

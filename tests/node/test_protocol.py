@@ -31,14 +31,14 @@ import websockets
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from broker import Broker, MemoryBroker
-from node import Connection, EventHandler, Hub, HubConfig, Message
-from node.protocol import CLOSE_TIMEOUT, INBOX_HIGH
-from shared.errors import BrokerError
-from shared.frames import build_frame, parse_close_payload
-from shared.handshake import accept_key
-from shared.ids import Room
-from shared.protocol import CloseCode, Opcode
+from roomcast.broker import Broker, MemoryBroker
+from roomcast.node import Connection, EventHandler, Hub, HubConfig, Message
+from roomcast.node.protocol import CLOSE_TIMEOUT, INBOX_HIGH
+from roomcast.shared.errors import BrokerError
+from roomcast.shared.frames import build_frame, parse_close_payload
+from roomcast.shared.handshake import accept_key
+from roomcast.shared.ids import Room
+from roomcast.shared.protocol import CloseCode, Opcode
 from tests.rawws import RawClient
 
 Serve = Callable[[web.Application], Awaitable[str]]

@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from node.app import create_app
-from shared.frames import build_frame, parse_close_payload
-from shared.protocol import Opcode
+from roomcast.node.app import create_app
+from roomcast.shared.frames import build_frame, parse_close_payload
+from roomcast.shared.protocol import Opcode
 from tests.rawws import RawClient
 
 Serve = Callable[[web.Application], Awaitable[str]]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from node.rooms import RoomIndex
-from shared.ids import ConnectionId, Room
+from roomcast.node.rooms import RoomIndex
+from roomcast.shared.ids import ConnectionId, Room
 
 A = ConnectionId("n1.1")
 B = ConnectionId("n1.2")

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from node import Connection, EventHandler, Hub, Message
+from roomcast.node import Connection, EventHandler, Hub, Message
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

@@ -17,9 +17,9 @@ import pytest
 import websockets
 from aiohttp import web
 
-import shared.frames
-from node import CloseCode, Connection, ConnectionState, EventHandler, Hub, HubConfig
-from shared.frames import PreparedMessage, text_frame
+import roomcast.shared.frames
+from roomcast.node import CloseCode, Connection, ConnectionState, EventHandler, Hub, HubConfig
+from roomcast.shared.frames import PreparedMessage, text_frame
 
 Serve = Callable[[web.Application], Awaitable[str]]
 ROOM = "hall"
@@ -163,13 +163,13 @@ async def test_compression_deflates_once_per_broadcast(
 ) -> None:
     """With permessage-deflate, a broadcast is compressed once and those bytes go to all."""
     calls: list[bytes] = []
-    deflate = shared.frames.deflate_message
+    deflate = roomcast.shared.frames.deflate_message
 
     def counting(payload: bytes, wbits: int = 15) -> bytes:
         calls.append(payload)
         return deflate(payload, wbits)
 
-    monkeypatch.setattr(shared.frames, "deflate_message", counting)
+    monkeypatch.setattr(roomcast.shared.frames, "deflate_message", counting)
     node = await make_node(enable_compression=True)
     writes = Writes()
     text = "compress me once " * 20

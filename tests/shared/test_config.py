@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from shared.config import HubConfig
+from roomcast.shared.config import HubConfig
 
 INT_FIELDS = (
     "max_connections",

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.envelope import ENVELOPE_VERSION, Envelope, Kind, decode, encode, room_envelope
-from shared.errors import EnvelopeError
+from roomcast.shared.envelope import ENVELOPE_VERSION, Envelope, Kind, decode, encode, room_envelope
+from roomcast.shared.errors import EnvelopeError
 
 ALL_BYTES = bytes(range(256))
 

@@ -20,8 +20,8 @@ from websockets.frames import Opcode as WsOpcode
 from websockets.streams import StreamReader
 from websockets.utils import apply_mask as ws_apply_mask
 
-from shared.errors import ProtocolError
-from shared.frames import (
+from roomcast.shared.errors import ProtocolError
+from roomcast.shared.frames import (
     DEFLATE_MIN_SIZE,
     DEFLATE_TRAILER,
     Frame,
@@ -40,7 +40,7 @@ from shared.frames import (
     pong_frame,
     text_frame,
 )
-from shared.protocol import CloseCode, Opcode
+from roomcast.shared.protocol import CloseCode, Opcode
 
 MASK = b"\x37\xfa\x21\x3d"
 COMPRESSIBLE = ("roomcast broadcast " * 40).encode()
@@ -663,7 +663,7 @@ def test_reader_unmasking_fallback_matches(key: bytes, data: bytes) -> None:
     gives what the compiled one gives, and what apply_mask gives."""
     from aiohttp._websocket.helpers import websocket_mask
 
-    from shared.frames import _unmask_python
+    from roomcast.shared.frames import _unmask_python
 
     ours, theirs = bytearray(data), bytearray(data)
     _unmask_python(key, ours)

@@ -8,8 +8,8 @@ import pytest
 from multidict import CIMultiDict
 from websockets.utils import accept_key as ws_accept_key
 
-from shared.errors import HandshakeError, ProtocolError
-from shared.handshake import (
+from roomcast.shared.errors import HandshakeError, ProtocolError
+from roomcast.shared.handshake import (
     accept_key,
     handshake_response,
     origin_allowed,
@@ -177,7 +177,7 @@ def test_connection_header_sent_twice_is_read_whole() -> None:
     """'Connection: keep-alive' and 'Connection: Upgrade' as two headers are accepted."""
     from multidict import CIMultiDict
 
-    from shared.handshake import validate_upgrade_request as validate
+    from roomcast.shared.handshake import validate_upgrade_request as validate
 
     headers = CIMultiDict(
         [("Upgrade", "websocket"), ("Connection", "keep-alive"), ("Connection", "Upgrade"),

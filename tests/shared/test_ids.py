@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.ids import (
+from roomcast.shared.ids import (
     MAX_ROOM_LENGTH,
     NodeId,
     make_connection_id,

@@ -26,9 +26,9 @@ from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode as WsOpcode
 from websockets.streams import StreamReader
 
-from shared.envelope import Envelope, Kind, decode, encode
-from shared.errors import EnvelopeError, ProtocolError
-from shared.frames import (
+from roomcast.shared.envelope import Envelope, Kind, decode, encode
+from roomcast.shared.errors import EnvelopeError, ProtocolError
+from roomcast.shared.frames import (
     MAX_CONTROL_PAYLOAD,
     Frame,
     MessageReader,
@@ -39,7 +39,7 @@ from shared.frames import (
     parse_close_payload,
     parse_frame,
 )
-from shared.protocol import Opcode, is_sendable_close_code
+from roomcast.shared.protocol import Opcode, is_sendable_close_code
 
 RELAXED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 """Timing is no part of these properties, and the suite also runs busy node processes."""

@@ -6,7 +6,7 @@ import pytest
 from websockets.exceptions import ProtocolError as WsProtocolError
 from websockets.frames import Close
 
-from shared.protocol import WS_GUID, CloseCode, Opcode, is_sendable_close_code
+from roomcast.shared.protocol import WS_GUID, CloseCode, Opcode, is_sendable_close_code
 
 
 def test_opcode_values() -> None:
