@@ -459,13 +459,15 @@ def test_dockerfile_build_context_has_what_the_package_needs(tmp_path: Path) -> 
     assert (project / "pyproject.toml").read_text() == (REPO / "pyproject.toml").read_text()
     assert (project / PYPROJECT["project"]["readme"]).is_file()
     setuptools_cfg = PYPROJECT["tool"]["setuptools"]
+    folders = setuptools_cfg["package-dir"]
     for package in setuptools_cfg["packages"]:
-        assert (project / package / "__init__.py").is_file(), package
-        for source in (REPO / package).glob("*.py"):
-            assert (project / package / source.name).is_file(), source
+        folder = folders[package]
+        assert (project / folder / "__init__.py").is_file(), package
+        for source in (REPO / folder).glob("*.py"):
+            assert (project / folder / source.name).is_file(), source
     for package, files in setuptools_cfg.get("package-data", {}).items():
         for name in files:
-            assert (project / package / name).is_file(), f"{package}/{name}"
+            assert (project / folders[package] / name).is_file(), f"{package}/{name}"
     assert not list(project.rglob("__pycache__"))
 
 
@@ -482,8 +484,9 @@ def test_dockerfile_build_context_packages_the_command_and_the_page(tmp_path: Pa
         cwd=project, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (lib / "node" / "chat.html").is_file()
+    assert (lib / "roomcast" / "node" / "chat.html").is_file()
     for package in PYPROJECT["tool"]["setuptools"]["packages"]:
-        assert (lib / package / "__init__.py").is_file(), package
+        assert (lib / package.replace(".", "/") / "__init__.py").is_file(), package
     entry_points = (meta / "roomcast.egg-info" / "entry_points.txt").read_text()
-    assert re.search(r"^roomcast\s*=\s*node\.cli:main$", entry_points, re.M), entry_points
+    assert re.search(r"^roomcast\s*=\s*roomcast\.node\.cli:main$", entry_points, re.M), (
+        entry_points)
