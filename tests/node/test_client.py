@@ -7,12 +7,16 @@ import asyncio
 import json
 import os
 import random
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypedDict
+from pathlib import Path
+from typing import Any, TypedDict
 
 import pytest
 from aiohttp import WSMsgType, web
+from yarl import URL
 
 from roomcast.node.client import (
     Backoff,
@@ -675,3 +679,93 @@ def test_constructor_validates_settings() -> None:
         Client("ws://x/", stable_after=0)
     with pytest.raises(ValueError, match="1000 or 3000-4999"):
         asyncio.run(Client("ws://x/").close(1001))
+
+
+# ---------------------------------------------------------------------------- roomcast.js, live
+
+DRIVER = Path(__file__).resolve().parents[1] / "js" / "live_driver.mjs"
+
+
+@pytest.fixture(scope="module")
+def node_websocket() -> list[str]:
+    """The command that runs Node with a WHATWG WebSocket (a flag on Node 20, built in
+    from 22); skips when there is none."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (scripts/test requires it)")
+    probe = "process.exit(typeof WebSocket === 'function' ? 0 : 1)"
+    for command in ([node], [node, "--experimental-websocket"]):
+        if subprocess.run([*command, "-e", probe], capture_output=True, timeout=30).returncode == 0:
+            return command
+    pytest.skip("this node has no WebSocket, not even behind --experimental-websocket")
+
+
+async def test_browser_client_against_the_fake_server(serve: Serve,
+                                                      node_websocket: list[str]) -> None:
+    """roomcast.js over a real WebSocket against the fake server: roomcast.v1 negotiated,
+    roomcast.since encoded so that aiohttp reads it back, text and binary both ways,
+    resume after a dropped socket with the replayed duplicate dropped, a final close."""
+    fake = FakeV1(overlap=1)
+    room = "lobby é+&"
+    base = (await serve(fake.app)).replace("http", "ws")
+    url = URL(base + "/chat").with_query({"room": room, "name": "ann"})
+    proc = await asyncio.create_subprocess_exec(
+        *node_websocket, str(DRIVER), str(url), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+    async def event() -> dict[str, Any]:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 10)
+        if not line:
+            raise AssertionError((await proc.stderr.read()).decode())
+        parsed: dict[str, Any] = json.loads(line)
+        return parsed
+
+    async def command(obj: dict[str, Any]) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(obj).encode() + b"\n")
+        await proc.stdin.drain()
+
+    try:
+        conn = await fake.accept()
+        assert conn.ws.ws_protocol == "roomcast.v1"
+        assert fake.handshakes[0] == {"room": room, "name": "ann"}
+        assert (await event())["type"] == "open"
+        epoch = fake.room(room).epoch
+        joined = await event()
+        assert (joined["type"], joined["room"], joined["position"]) == (
+            "joined", room, {"epoch": epoch, "offset": 0})
+        await fake.publish(room, "m1")
+        await fake.publish(room, b"\x00\n\x01")
+        first, second = await event(), await event()
+        assert (first["data"], first["position"]) == ("m1", {"epoch": epoch, "offset": 1})
+        assert (second["data"], second["position"]) == ([0, 10, 1], {"epoch": epoch, "offset": 2})
+        await command({"send": "hi"})
+        await command({"sendBytes": [1, 2]})
+        text, binary = await conn.receive(), await conn.receive()
+        assert (text.type, text.data) == (WSMsgType.TEXT, "hi")
+        assert (binary.type, binary.data) == (WSMsgType.BINARY, b"\x01\x02")
+
+        conn.kill()
+        await fake.publish(room, "m3")  # missed while away
+        reconnecting = await event()
+        assert (reconnecting["type"], reconnecting["attempt"], reconnecting["code"]) == (
+            "reconnecting", 1, 1006)
+        conn = await fake.accept()
+        assert validate_since(fake.handshakes[1]["roomcast.since"]) == {room: (epoch, 2)}
+        assert fake.handshakes[1]["room"] == room
+        assert (await event())["reconnect"] is True
+        missed, joined = await event(), await event()
+        assert (missed["data"], missed["position"]["offset"]) == ("m3", 3)
+        assert (joined["type"], joined["recovered"], joined["replayed"]) == ("joined", True, 2)
+
+        await conn.close(1008, "policy")
+        closed = await event()
+        assert closed == {"type": "closed", "code": 1008, "reason": "policy", "byClient": False,
+                          "duplicates": 1}
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
