@@ -139,6 +139,11 @@ function () {
     }
   }
 
+  // Realm-independent (an ArrayBuffer from an iframe or another context is one too).
+  function isArrayBuffer(value) {
+    return Object.prototype.toString.call(value) === "[object ArrayBuffer]";
+  }
+
   function badFrame(message) {
     return { type: "error", code: "bad_frame", message, room: null, source: "client" };
   }
@@ -456,7 +461,7 @@ function () {
      * late; wait for "open".
      */
     send(data) {
-      const ok = typeof data === "string" || data instanceof ArrayBuffer || ArrayBuffer.isView(data)
+      const ok = typeof data === "string" || isArrayBuffer(data) || ArrayBuffer.isView(data)
         || (typeof Blob !== "undefined" && data instanceof Blob); // eslint-disable-line no-undef
       if (!ok) throw new TypeError("roomcast: send() takes a string, an ArrayBuffer, a typed array or a Blob");
       if (!this.connected) {
@@ -539,7 +544,7 @@ function () {
         if (ws !== this._ws) return;
         const data = event.data;
         const events = typeof data === "string" ? parseText(data)
-          : data instanceof ArrayBuffer || ArrayBuffer.isView(data) ? parseBinary(data)
+          : isArrayBuffer(data) || ArrayBuffer.isView(data) ? parseBinary(data)
           : [badFrame("a binary message that is not an ArrayBuffer (binaryType changed?)")];
         for (const item of events) {
           if (ws !== this._ws) break; // a listener closed the client

@@ -378,3 +378,17 @@ test("a stale roomcast.since in the app's URL is replaced by the client's own", 
   assert.deepEqual(last().since, { a: ["e", 3] });
   assert.equal(new URL(last().url).searchParams.getAll("roomcast.since").length, 1);
 });
+
+test("a binary frame whose ArrayBuffer comes from another realm (an iframe) is read", async () => {
+  const vm = await import("node:vm");
+  const { client, last, of } = setup();
+  client.connect();
+  last().welcome();
+  const header = new TextEncoder().encode('{"type":"message","room":"r"}\n');
+  const foreign = vm.runInNewContext(`new Uint8Array([${[...header, 7]}]).buffer`);
+  assert.equal(foreign instanceof ArrayBuffer, false);
+  last().onmessage({ data: foreign });
+  assert.deepEqual(Array.from(of("message")[0].data), [7]);
+  client.send(foreign);
+  assert.equal(last().sent[0], foreign);
+});

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -769,3 +770,36 @@ async def test_browser_client_against_the_fake_server(serve: Serve,
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ---------------------------------------------------------------------------- docs
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "clients.md"
+
+
+async def test_the_python_example_in_the_docs_runs(serve: Serve,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/clients.md's Python example, run as written against a v1 server, sends,
+    prints messages and a lost history, and ends when the server closes for good."""
+    blocks = re.findall(r"```python\n(# example: client\n.*?)```", DOCS.read_text(), re.S)
+    assert len(blocks) == 1, "no '# example: client' block in docs/clients.md"
+    fake = FakeV1()
+    namespace: dict[str, Any] = {"__name__": "docs_client"}
+    exec(compile(blocks[0], "docs/clients.md", "exec"), namespace)
+    namespace["URL"] = (await serve(fake.app)).replace("http", "ws") + "/chat?room=lobby&name=bot"
+    task = asyncio.create_task(namespace["main"]())
+    try:
+        conn = await fake.accept()
+        sent = await conn.receive()
+        assert json.loads(sent.data) == {"type": "message", "name": "bot", "text": "hello"}
+        await fake.publish("lobby", "hi bot")
+        await conn.send({"type": "joined", "room": "lobby", "epoch": "k8", "offset": 3,
+                         "recovered": False, "reason": "epoch"})
+        await conn.close(1000)
+        await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["on node fake", "lobby hi bot",
+                   "missed messages in lobby are gone: reload its state"]
