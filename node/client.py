@@ -669,10 +669,13 @@ class Client:
                 await asyncio.shield(self._ready)
         except TimeoutError:
             await self._shutdown()
-            raise ConnectError(f"no welcome from {self._url} within "
-                               f"{self._connect_timeout} s") from None
-        except BaseException:
+            message = f"no welcome from {self._url} within {self._connect_timeout} s"
+            self._finish(Closed(None, message))
+            raise ConnectError(message) from None
+        except BaseException as exc:
             await self._shutdown()
+            # Anyone iterating this client later sees it ended, rather than waiting.
+            self._finish(Closed(None, str(exc), status=getattr(exc, "status", None)))
             raise
 
     async def close(self, code: int = 1000, reason: str = "") -> None:

@@ -351,9 +351,14 @@ async def test_first_connect_without_subprotocol_fails_clearly(live: Live) -> No
 async def test_first_connect_refused_fails_with_status(live: Live) -> None:
     """An upgrade refused with an HTTP status raises ConnectError carrying it."""
     live.fake.refuse = [403]
+    client = Client(live.url, **FAST)
     with pytest.raises(ConnectError) as info:
-        await Client(live.url, **FAST).connect()
+        await client.connect()
     assert info.value.status == 403
+    closed = await client.next_event(timeout=1)  # iterating it later ends, never hangs
+    assert isinstance(closed, Closed) and closed.status == 403
+    with pytest.raises(StopAsyncIteration):
+        await client.__anext__()
 
 
 async def test_first_connect_to_nothing_fails(live: Live) -> None:
