@@ -4,7 +4,7 @@ from roomcast.node.connection import Connection, ConnectionState
 from roomcast.node.events import EventHandler, Message, MessageType
 from roomcast.node.hub import HUB, Hub, HubStats, get_hub
 from roomcast.shared.config import HubConfig
-from roomcast.shared.protocol import CloseCode
+from roomcast.shared.rfc6455 import CloseCode
 
 __all__ = [
     "HUB",

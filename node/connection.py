@@ -26,7 +26,7 @@ from roomcast.node.protocol import CLOSE_TIMEOUT
 from roomcast.shared.errors import ConnectionClosedError
 from roomcast.shared.frames import PreparedMessage, build_frame, close_payload
 from roomcast.shared.ids import ConnectionId, Room
-from roomcast.shared.protocol import CloseCode, Opcode
+from roomcast.shared.rfc6455 import CloseCode, Opcode
 
 if TYPE_CHECKING:
     from roomcast.node.events import EventHandler

@@ -39,15 +39,14 @@ from roomcast.shared.ids import (
     node_of,
     validate_room,
 )
-from roomcast.shared.protocol import CloseCode, Opcode
+from roomcast.shared.rfc6455 import CloseCode, Opcode
+from roomcast.shared.rfc6455 import Data as Data  # re-exported: node.api imports it here
 
 log = logging.getLogger("roomcast.node")
 
 PING_PAYLOAD: Final = b"roomcast"
 _PING_FRAME: Final = build_frame(Opcode.PING, PING_PAYLOAD)
 PONG_TIMEOUT_REASON: Final = "keepalive pong timeout"
-
-Data = str | bytes | bytearray | memoryview
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 from roomcast.node.events import Message, MessageType
 from roomcast.shared.errors import ProtocolError
 from roomcast.shared.frames import MessageReader, build_frame, close_payload, parse_close_payload
-from roomcast.shared.protocol import CloseCode, Opcode
+from roomcast.shared.rfc6455 import CloseCode, Opcode
 
 if TYPE_CHECKING:
     from roomcast.node.connection import Connection

@@ -38,7 +38,7 @@ from roomcast.shared.errors import BrokerError
 from roomcast.shared.frames import build_frame, parse_close_payload
 from roomcast.shared.handshake import accept_key
 from roomcast.shared.ids import Room
-from roomcast.shared.protocol import CloseCode, Opcode
+from roomcast.shared.rfc6455 import CloseCode, Opcode
 from tests.rawws import RawClient
 
 Serve = Callable[[web.Application], Awaitable[str]]
