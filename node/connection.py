@@ -29,7 +29,7 @@ from roomcast.shared.ids import ConnectionId, Room
 from roomcast.shared.rfc6455 import CloseCode, Opcode
 
 if TYPE_CHECKING:
-    from roomcast.node.events import EventHandler
+    from roomcast.node.handlers import EventHandler
     from roomcast.node.hub import Hub
     from roomcast.node.protocol import WebSocketProtocol
 

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from roomcast.node.events import Message, MessageType
+from roomcast.node.messages import Message, MessageType
 from roomcast.shared.errors import ProtocolError
 from roomcast.shared.frames import MessageReader, build_frame, close_payload, parse_close_payload
 from roomcast.shared.rfc6455 import CloseCode, Opcode

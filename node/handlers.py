@@ -1,43 +1,15 @@
-"""Messages and event handlers (the seed's ``Message`` and ``EventHandler``)."""
+"""Event handlers: the callbacks the hub runs for a connection (the seed's ``EventHandler``)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from roomcast.node.messages import Message
 
 if TYPE_CHECKING:
     from roomcast.node.connection import Connection
-
-
-class MessageType(Enum):
-    """Text frames carry UTF-8 (``str``); binary frames carry ``bytes``."""
-
-    TEXT = "text"
-    BINARY = "binary"
-
-
-class Message(NamedTuple):
-    """One complete data message: ``data`` is ``str`` for text and ``bytes`` for binary.
-
-    Immutable. A named tuple rather than a frozen dataclass: one is made per message
-    received, and a tuple is made in half the time.
-    """
-
-    data: str | bytes
-    type: MessageType
-
-    @classmethod
-    def of(cls, data: str | bytes) -> Message:
-        """Text for ``str``, binary for ``bytes``."""
-        return cls(data, MessageType.TEXT if isinstance(data, str) else MessageType.BINARY)
-
-    @property
-    def is_text(self) -> bool:
-        """True for a text message."""
-        return self.type is MessageType.TEXT
-
 
 _Result: TypeAlias = Awaitable[None] | None
 OnOpen: TypeAlias = Callable[["Connection"], _Result]
