@@ -52,6 +52,7 @@ def _members(hub: Any, room: str, count: int) -> None:
     """Open ``count`` connections on fake transports and put them in ``room``."""
     from roomcast.node import EventHandler
     from roomcast.node.connection import Connection
+    from roomcast.shared.frames import MessageReader
     from roomcast.shared.ids import Room, make_connection_id
 
     try:
@@ -63,7 +64,8 @@ def _members(hub: Any, room: str, count: int) -> None:
     for i in range(count):
         conn_id = make_connection_id(hub.node_id, i + 1)
         if core:
-            conn = Connection(conn_id, hub, "127.0.0.1", hub.config.send_buffer_limit)
+            reader = MessageReader(hub.config.max_message_size)
+            conn = Connection(conn_id, hub, reader, hub._write_soon, "127.0.0.1")
             conn.attach(None, FakeTransport(), 0, 30.0)
         else:  # before issue 11: Connection held the buffer and the transport
             conn = Connection(conn_id, EventHandler(), hub, hub._schedule_flush)

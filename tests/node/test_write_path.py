@@ -19,7 +19,7 @@ from aiohttp import web
 
 import roomcast.shared.frames
 from roomcast.node import CloseCode, Connection, ConnectionState, EventHandler, Hub, HubConfig
-from roomcast.shared.frames import PreparedMessage, text_frame
+from roomcast.shared.frames import PreparedMessage, close_frame, text_frame
 
 Serve = Callable[[web.Application], Awaitable[str]]
 ROOM = "hall"
@@ -250,8 +250,8 @@ async def test_a_reader_that_keeps_up_is_never_cut_off(
 async def test_one_turn_over_the_limit_cuts_off_before_anything_is_written(
     make_node: Callable[..., Awaitable[Node]],
 ) -> None:
-    """Queuing more than the limit in one turn drops the member; nothing is buffered,
-    and only what was queued counts as delivered."""
+    """Queuing more than the limit in one turn drops the member; nothing queued is
+    written (only its 1008 close frame), and only what was queued counts as delivered."""
     node = await make_node(send_buffer_limit=10_000)
     sock, conn = await raw_client(node)
     writes = Writes()
@@ -267,7 +267,8 @@ async def test_one_turn_over_the_limit_cuts_off_before_anything_is_written(
         assert node.hub.stats.bytes_out == 3 * 3000
         assert not await node.hub.send_to(conn.id, "gone")
         await asyncio.wait_for(node.closed.get(), 5)
-        assert writes.calls[conn.id] == []
+        assert writes.calls[conn.id] == [close_frame(CloseCode.POLICY_VIOLATION,
+                                                     "slow consumer")]
     finally:
         sock.close()
 
