@@ -281,14 +281,13 @@ class ConnectionCore:
         """
         if self.state is not _OPEN:
             return NOTHING
-        size = self._out_size + len(frame)
-        if size + self._unsent > self._limit:
+        if self._out_size + self._unsent > self._limit:
             self._unsent = self.unsent_now()
-            if size + self._unsent > self._limit:
+            if self._out_size + self._unsent > self._limit:
                 self.begin_abort(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER_REASON)
                 self._ending = _CUT_OFF
                 return CUT_OFF
-        self._out_size = size
+        self._out_size += len(frame)
         out = self._out
         if out is None:
             self._out = frame
@@ -463,7 +462,7 @@ def deliver(
         if conn.state is _OPEN and (exclude is None or conn.id != exclude):
             # push() inlined for its most common case: the first frame of the turn to
             # a connection whose unsent bytes are within the limit.
-            if conn._out is None and conn._unsent + size <= conn._limit:
+            if conn._out is None and conn._unsent <= conn._limit:
                 conn._out = frame
                 conn._out_size = size
                 dirty.append(conn)
