@@ -458,17 +458,28 @@ def deliver(
         return count
     frame = prepared.frame
     size = len(frame)
+    open_state = _OPEN
     for conn in members:
-        if conn.state is _OPEN and (exclude is None or conn.id != exclude):
-            # push() inlined for its most common case: the first frame of the turn to
-            # a connection whose unsent bytes are within the limit.
-            if conn._out is None and conn._unsent <= conn._limit:
-                conn._out = frame
-                conn._out_size = size
-                dirty.append(conn)
+        if conn.state is open_state and (exclude is None or conn.id != exclude):
+            # push() inlined for its common cases: the bytes held before this frame,
+            # queued and (at most) unsent, are within the limit.
+            out = conn._out
+            if out is None:
+                if conn._unsent <= conn._limit:
+                    conn._out = frame
+                    conn._out_size = size
+                    dirty.append(conn)
+                    count += 1
+                    continue
+            elif conn._out_size + conn._unsent <= conn._limit:
+                conn._out_size += size
+                if isinstance(out, list):
+                    out.append(frame)
+                else:
+                    conn._out = [out, frame]
                 count += 1
                 continue
-            code = conn.push(frame)
+            code = conn.push(frame)  # asks for the real unsent count; may cut it off
             if code == CUT_OFF:
                 cut_off.append(conn)
                 continue

@@ -4,9 +4,11 @@ No sockets and no event loop turns: every member is an open connection on a fake
 transport whose ``write`` only counts bytes, all in one room. One round is
 ``Hub._deliver`` (queue the broadcast's one frame for every member) followed by
 ``Hub._flush_all`` (one write per member), as a broadcast and the end of its loop turn
-do. Prints nanoseconds per member (per delivery), the best of ``--repeat`` timings.
+do. With ``--frames N``, N broadcasts are queued before the write pass, as concurrent
+publishers' frames are (the frames after the first take the checked path). Prints
+nanoseconds per member and frame (per delivery), the best of ``--repeat`` timings.
 
-    python scripts/bench/deliver.py [--members 10000] [--repeat 7] [--number 20]
+    python scripts/bench/deliver.py [--members 10000] [--frames 1] [--repeat 7] [--number 20]
     python scripts/bench/deliver.py --before /path/to/older/checkout [--rounds 3]
 
 ``--before`` measures an older checkout too (its ``node/``, ``broker/``, ``shared/``
@@ -74,7 +76,7 @@ def _members(hub: Any, room: str, count: int) -> None:
         hub._rooms.join(Room(room), conn.id, conn)
 
 
-async def _measure(members: int, repeat: int, number: int) -> dict[str, float]:
+async def _measure(members: int, frames: int, repeat: int, number: int) -> dict[str, float]:
     from roomcast.node import Hub
     from roomcast.shared.frames import PreparedMessage
     from roomcast.shared.ids import Room
@@ -85,13 +87,14 @@ async def _measure(members: int, repeat: int, number: int) -> dict[str, float]:
     prepared = PreparedMessage(b"x" * 64, binary=False)
 
     def one_round() -> None:
-        hub._deliver(room.values(), prepared, None)
+        for _ in range(frames):
+            hub._deliver(room.values(), prepared, None)
         hub._flush_all()
 
     one_round()
     best = min(timeit.repeat(one_round, repeat=repeat, number=number))
-    assert hub.stats.messages_out == members * (1 + repeat * number)
-    return {"ns_per_delivery": best / number / members * 1e9}
+    assert hub.stats.messages_out == members * frames * (1 + repeat * number)
+    return {"ns_per_delivery": best / number / members / frames * 1e9}
 
 
 def _run_tree(tree: Path | None, args: argparse.Namespace) -> float:
@@ -105,7 +108,8 @@ def _run_tree(tree: Path | None, args: argparse.Namespace) -> float:
                 (pkg / name).symlink_to(tree.resolve() / name)
             env["PYTHONPATH"] = tmp + os.pathsep + env.get("PYTHONPATH", "")
         out = subprocess.run(
-            [sys.executable, __file__, "--members", str(args.members), "--repeat",
+            [sys.executable, __file__, "--members", str(args.members), "--frames",
+             str(args.frames), "--repeat",
              str(args.repeat), "--number", str(args.number), "--json"],
             env=env, check=True, capture_output=True, text=True, cwd=tmp,
         ).stdout
@@ -115,6 +119,7 @@ def _run_tree(tree: Path | None, args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=10_000)
+    parser.add_argument("--frames", type=int, default=1, help="broadcasts per write pass")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--number", type=int, default=20)
     parser.add_argument("--before", type=Path, help="an older checkout to compare with")
@@ -122,11 +127,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.json:
-        print(json.dumps(asyncio.run(_measure(args.members, args.repeat, args.number))))
+        print(json.dumps(asyncio.run(
+            _measure(args.members, args.frames, args.repeat, args.number))))
         return
     if args.before is None:
-        ns = asyncio.run(_measure(args.members, args.repeat, args.number))["ns_per_delivery"]
-        print(f"deliver + flush: {ns:.1f} ns per delivery ({args.members:,} members)")
+        ns = asyncio.run(_measure(args.members, args.frames, args.repeat, args.number))[
+            "ns_per_delivery"]
+        print(f"deliver + flush: {ns:.1f} ns per delivery ({args.members:,} members, "
+              f"{args.frames} frame(s) per write)")
         return
     results: dict[str, list[float]] = {"before": [], "this tree": []}
     for _ in range(args.rounds):
