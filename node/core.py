@@ -448,13 +448,7 @@ def deliver(
         frame_for = prepared.frame_for
         for conn in members:
             if conn.state is _OPEN and conn.id != exclude:
-                code = conn.push(frame_for(conn.wbits))
-                if code == CUT_OFF:
-                    cut_off.append(conn)
-                    continue
-                if code == WRITE:
-                    dirty.append(conn)
-                count += 1
+                count += _push(conn, frame_for(conn.wbits), dirty, cut_off)
         return count
     frame = prepared.frame
     size = len(frame)
@@ -479,14 +473,19 @@ def deliver(
                     conn._out = [out, frame]
                 count += 1
                 continue
-            code = conn.push(frame)  # asks for the real unsent count; may cut it off
-            if code == CUT_OFF:
-                cut_off.append(conn)
-                continue
-            if code == WRITE:
-                dirty.append(conn)
-            count += 1
+            count += _push(conn, frame, dirty, cut_off)  # asks for the real unsent count
     return count
+
+
+def _push(conn: C, frame: bytes, dirty: list[C], cut_off: list[C]) -> int:
+    """``conn.push(frame)`` for ``deliver``: 1 if queued, 0 if it cut ``conn`` off."""
+    code = conn.push(frame)
+    if code == CUT_OFF:
+        cut_off.append(conn)
+        return 0
+    if code == WRITE:
+        dirty.append(conn)
+    return 1
 
 
 def _short(reason: str) -> str:
