@@ -85,6 +85,7 @@ _CUT_OFF: Final = 4
 """As ``_ABORTED``, for a slow consumer not yet reported (``take_cut_off``)."""
 
 _REASON_BYTES: Final = 123
+_FIRST_CONTROL: Final = 0x8
 
 
 class ConnectionState(Enum):
@@ -218,7 +219,7 @@ class ConnectionCore:
         reader = self._reader
         events = reader.feed(data, limit)
         for opcode, payload in events:
-            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if opcode < _FIRST_CONTROL:  # text or binary: nothing to do here
                 continue
             if opcode is Opcode.PING:
                 if self.state is _OPEN:
