@@ -16,7 +16,8 @@ In                                          Out
 ``begin_abort(code, reason)`` end at once   ``ending``, ``close_transport``,
 ``keepalive(now, interval, timeout)``       ``abort_after``: what to do with the socket
 ``reading_paused`` the socket is not read   ``keepalive``'s ``WRITE`` / ``PONG_OVERDUE``,
-``lost()`` the socket is gone               ``keepalive_deadline(timeout)``
+``lost()`` the socket is gone               ``keepalive_deadline(timeout)``;
+                                            ``take_cut_off()``: report a slow consumer
 
 Close codes (RFC 6455 section 7.4). Ours: ``begin_close`` queues the close frame after
 the frames already queued; the peer's answer completes the handshake. The peer's: its
