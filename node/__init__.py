@@ -1,10 +1,11 @@
 """One roomcast node: the Hub, its connections and the aiohttp integration."""
 
 from roomcast.node.connection import Connection, ConnectionState
-from roomcast.node.events import EventHandler, Message, MessageType
+from roomcast.node.handlers import EventHandler
 from roomcast.node.hub import HUB, Hub, HubStats, get_hub
+from roomcast.node.messages import Message, MessageType
 from roomcast.shared.config import HubConfig
-from roomcast.shared.protocol import CloseCode
+from roomcast.shared.rfc6455 import CloseCode
 
 __all__ = [
     "HUB",

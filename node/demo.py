@@ -17,8 +17,9 @@ from typing import Final
 from aiohttp import web
 
 from roomcast.node.connection import Connection
-from roomcast.node.events import EventHandler, Message
+from roomcast.node.handlers import EventHandler
 from roomcast.node.hub import get_hub
+from roomcast.node.messages import Message
 from roomcast.shared.errors import BrokerError, PublishError
 from roomcast.shared.ids import validate_room
 

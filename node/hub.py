@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 from aiohttp import web
@@ -21,14 +19,25 @@ from aiohttp.http_websocket import ws_ext_gen, ws_ext_parse
 
 from roomcast.broker import Broker, MemoryBroker
 from roomcast.node._takeover import Upgraded, take_over
-from roomcast.node.connection import Connection, ConnectionState
-from roomcast.node.events import EventHandler
-from roomcast.node.protocol import WebSocketProtocol
+from roomcast.node.asyncio_protocol import Owner, WebSocketProtocol
+from roomcast.node.connection import Connection
+from roomcast.node.core import (
+    CUT_OFF,
+    NOTHING,
+    OPENING_ERROR_REASON,
+    PONG_OVERDUE,
+    PONG_TIMEOUT_REASON,
+    WRITE,
+    ConnectionState,
+    deliver,
+)
+from roomcast.node.handlers import EventHandler, run_callback
 from roomcast.node.rooms import RoomIndex
+from roomcast.node.stats import HubStats as HubStats  # re-exported: node.metrics imports it
 from roomcast.shared.config import HubConfig
 from roomcast.shared.envelope import Envelope, Kind
 from roomcast.shared.errors import HandshakeError
-from roomcast.shared.frames import MessageReader, PreparedMessage, build_frame
+from roomcast.shared.frames import MessageReader, PreparedMessage
 from roomcast.shared.handshake import handshake_response, origin_allowed, validate_upgrade_request
 from roomcast.shared.ids import (
     ConnectionId,
@@ -39,40 +48,10 @@ from roomcast.shared.ids import (
     node_of,
     validate_room,
 )
-from roomcast.shared.protocol import CloseCode, Opcode
+from roomcast.shared.rfc6455 import CloseCode
+from roomcast.shared.rfc6455 import Data as Data  # re-exported: node.api imports it here
 
 log = logging.getLogger("roomcast.node")
-
-PING_PAYLOAD: Final = b"roomcast"
-_PING_FRAME: Final = build_frame(Opcode.PING, PING_PAYLOAD)
-PONG_TIMEOUT_REASON: Final = "keepalive pong timeout"
-
-Data = str | bytes | bytearray | memoryview
-
-
-@dataclass(slots=True)
-class HubStats:
-    """Counters of one hub; the node exports them as metrics."""
-
-    connections_opened: int = 0
-    connections_closed: int = 0
-    broadcasts: int = 0
-    envelopes_received: int = 0
-    messages_in: int = 0
-    bytes_in: int = 0
-    messages_out: int = 0
-    """Deliveries: one per recipient of every message."""
-    bytes_out: int = 0
-    refused_full: int = 0
-    refused_origin: int = 0
-    refused_handshake: int = 0
-    refused_draining: int = 0
-    slow_consumers: int = 0
-    pong_timeouts: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters by name."""
-        return asdict(self)
 
 
 class Hub:
@@ -102,8 +81,13 @@ class Hub:
         self._keepalive: asyncio.Task[None] | None = None
         self._started = False
         self._accepting = False
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._callback_tasks: set[asyncio.Task[Any]] = set()
+        """Tasks running user callbacks (on_open in upgrade, then each connection's)."""
         self._finishing: set[asyncio.Future[None]] = set()
+        """Tasks leaving rooms and reporting on_close for connections that went."""
+        # Made once and shared by every connection (not a bound method each).
+        self._write_soon = self._schedule_flush
+        self._owner = Owner(self.stats, self._callback_tasks, self._connection_lost)
         self.on_envelope_latency: Callable[[float], None] | None = None
         """Called with publish-to-delivery seconds of each envelope from another node."""
 
@@ -133,11 +117,11 @@ class Hub:
             _, pending = await asyncio.wait(closing, timeout=drain_seconds)
             for fut in pending:
                 fut.cancel()
-        if self._handlers:
-            await asyncio.wait(self._handlers, timeout=drain_seconds)
+        if self._callback_tasks:
+            await asyncio.wait(self._callback_tasks, timeout=drain_seconds)
         lingering = list(self._connections.values())
         for conn in lingering:
-            conn._abort_transport()  # did not finish the closing handshake in time
+            conn.abort_socket()  # did not finish the closing handshake in time
         if lingering:
             await asyncio.sleep(0)  # their connection_lost callbacks start _finish
         if self._finishing:
@@ -249,12 +233,6 @@ class Hub:
                 headers={"Retry-After": "1"},
             )
 
-        self._seq += 1
-        conn = Connection(
-            make_connection_id(self.node_id, self._seq), handler, self,
-            self._schedule_flush, request.remote,
-        )
-        self._connections[conn.id] = conn  # reserve the slot before awaiting
         wbits, no_takeover = 0, False
         if self.config.enable_compression:
             wbits, no_takeover = ws_ext_parse(
@@ -264,22 +242,26 @@ class Hub:
             ws_ext_gen(compress=wbits, isserver=True, server_notakeover=no_takeover)
             if wbits else None
         )
+        self._seq += 1
+        reader = MessageReader(self.config.max_message_size, deflate=bool(wbits))
+        conn = Connection(make_connection_id(self.node_id, self._seq), self, reader,
+                          self._write_soon, request.remote)
+        self._connections[conn.id] = conn  # reserve the slot before awaiting
         # Which node took the connection, and its id (for targeted sends and for
         # checking where a load balancer sends clients).
         ids = {"X-Roomcast-Node": self.node_id, "X-Roomcast-Connection": conn.id}
-        reader = MessageReader(self.config.max_message_size, deflate=bool(wbits))
-        protocol = WebSocketProtocol(self, conn, reader)
+        protocol = WebSocketProtocol(conn, handler, self._owner)
         try:
             transport, tail = take_over(request, protocol)
         except BaseException:
             self._connections.pop(conn.id, None)
             raise
         transport.write(handshake_response(key, extensions, ids))
-        conn._attach(protocol, transport, wbits, self.config.ping_interval)
+        conn.attach(protocol, transport, wbits, time.time() + self.config.ping_interval)
         self.stats.connections_opened += 1
         task = asyncio.current_task()
         if task is not None:
-            self._handlers.add(task)
+            self._callback_tasks.add(task)
         try:
             if tail:
                 protocol.data_received(tail)
@@ -291,31 +273,35 @@ class Hub:
                     await self.join_room(conn, room)
             log.debug("opened %s from %s", conn.id, request.remote,
                       extra={"conn_id": conn.id})
-            await self._call(conn, handler.on_open)
+            await run_callback(conn, handler, handler.on_open)
         except asyncio.CancelledError:
             transport.abort()
             raise
         except Exception:
             # The 101 is out, so aiohttp cannot answer with a 500: close the socket.
             log.exception("opening %s failed", conn.id, extra={"conn_id": conn.id})
-            conn.abort(CloseCode.INTERNAL_ERROR, "server error while opening")
+            conn.abort(CloseCode.INTERNAL_ERROR, OPENING_ERROR_REASON)
         finally:
             if task is not None:
-                self._handlers.discard(task)
+                self._callback_tasks.discard(task)
             protocol.opened()
         return Upgraded({"Upgrade": "websocket", "Connection": "Upgrade", **ids})
 
-    def _connection_lost(self, conn: Connection, dispatching: asyncio.Task[None] | None) -> None:
+    def _connection_lost(
+        self, conn: Connection, handler: EventHandler, dispatching: asyncio.Task[None] | None
+    ) -> None:
         """The socket is gone: leave rooms and report on_close once the callbacks are done.
 
         Runs in a task of its own, tracked in ``_finishing`` so that ``close`` waits
         for it: cleanup happens even while the node shuts down.
         """
-        finishing = asyncio.ensure_future(self._finish(conn, dispatching))
+        finishing = asyncio.ensure_future(self._finish(conn, handler, dispatching))
         self._finishing.add(finishing)
         finishing.add_done_callback(self._finishing.discard)
 
-    async def _finish(self, conn: Connection, dispatching: asyncio.Task[None] | None) -> None:
+    async def _finish(
+        self, conn: Connection, handler: EventHandler, dispatching: asyncio.Task[None] | None
+    ) -> None:
         """Leave every room, forget the connection, then report ``on_close`` once.
 
         Waits for ``dispatching`` (the callbacks of events that arrived before the
@@ -323,7 +309,7 @@ class Hub:
         """
         if dispatching is not None and not dispatching.done():
             await asyncio.wait((dispatching,))
-        was_open = conn._mark_closed()
+        was_open = conn.lost()
         self._connections.pop(conn.id, None)
         rooms, emptied = self._rooms.leave_all(conn.id)
         if rooms:
@@ -337,27 +323,10 @@ class Hub:
                               extra={"conn_id": conn.id})
         if was_open:
             self.stats.connections_closed += 1
-            code = conn._close_code if conn._close_code is not None else CloseCode.ABNORMAL
-            log.debug("closed %s with %s %s", conn.id, code, conn._close_reason,
+            code = conn.close_code if conn.close_code is not None else CloseCode.ABNORMAL
+            log.debug("closed %s with %s %s", conn.id, code, conn.close_reason,
                       extra={"conn_id": conn.id})
-            await self._call(conn, conn.handler.on_close, code, conn._close_reason)
-
-    async def _call(self, conn: Connection, callback: Any, *args: Any) -> None:
-        """Run a user callback; report what it raises to ``on_error`` and the log."""
-        if callback is None:
-            return
-        try:
-            result = callback(conn, *args)
-            if inspect.isawaitable(result):
-                await result
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("callback %s failed on %s", getattr(callback, "__name__", callback),
-                          conn.id, extra={"conn_id": conn.id})
-            on_error = conn.handler.on_error
-            if on_error is not None and callback is not on_error:
-                await self._call(conn, on_error, exc)
+            await run_callback(conn, handler, handler.on_close, code, conn.close_reason)
 
     # -- rooms -----------------------------------------------------------------------
 
@@ -474,43 +443,22 @@ class Hub:
     ) -> None:
         """Queue the prepared frame for each open member except ``exclude``.
 
-        Every member gets the same bytes object (one per negotiated deflate window with
-        compression on); nothing is copied, and no task or coroutine is made per member.
-        Members get one write each when the loop turn ends (``_flush_all``).
+        Every member gets the same bytes object (``node.core.deliver``); members get one
+        write each when the loop turn ends (``_flush_all``). A member this frame cut off
+        as a slow consumer gets its close frame at once, and the frame is not counted.
         """
-        count = 0
-        open_state = ConnectionState.OPEN
         dirty = self._dirty
-        if self.config.enable_compression:
-            frame_for = prepared.frame_for
-            for conn in members:
-                if conn.state is open_state and conn.id != exclude:
-                    if conn._push(frame_for(conn.wbits)):
-                        dirty.append(conn)
-                    if conn.state is open_state:  # not cut off as a slow consumer
-                        count += 1
-        else:
-            frame = prepared.frame
-            size = len(frame)
-            for conn in members:
-                if conn.state is open_state and (exclude is None or conn.id != exclude):
-                    # Connection._push inlined for its most common case: the first
-                    # frame of the turn, well within the limit.
-                    if conn._out is None and conn._backlog + size <= conn._limit:
-                        conn._out, conn._out_size = frame, size
-                        dirty.append(conn)
-                        count += 1
-                        continue
-                    if conn._push(frame):
-                        dirty.append(conn)
-                    if conn.state is open_state:  # not cut off as a slow consumer
-                        count += 1
+        cut_off: list[Connection] = []
+        count = deliver(members, prepared, exclude, self.config.enable_compression, dirty,
+                        cut_off)
         if dirty and not self._flush_scheduled:
             self._flush_scheduled = True
             (self._loop or asyncio.get_running_loop()).call_soon(self._flush_all)
         stats = self.stats
         stats.messages_out += count
         stats.bytes_out += count * len(prepared.payload)
+        for conn in cut_off:
+            conn.settle()
 
     def _on_envelope(self, env: Envelope) -> None:
         """Deliver an envelope from another node to the local connections it names."""
@@ -553,17 +501,26 @@ class Hub:
     # -- keepalive -------------------------------------------------------------------
 
     async def _keepalive_loop(self) -> None:
-        """Ping every connection each ping interval; close those that miss the pong."""
+        """Let time pass for every connection: each pings when due (``node.core``), and
+        one whose pong is overdue is closed with 1011."""
         interval = self.config.ping_interval
         timeout = self.config.pong_timeout
         tick = max(min(interval, timeout) / 4, 0.01)
+        open_state = ConnectionState.OPEN
         while True:
             await asyncio.sleep(tick)
             now = time.time()
             for conn in self._connections.values():
-                if conn.state is ConnectionState.OPEN and not conn._keepalive(
-                    now, interval, timeout, _PING_FRAME
-                ):
+                if conn.state is not open_state:
+                    continue
+                code = conn.keepalive(now, interval, timeout)
+                if code == NOTHING:
+                    continue
+                if code == WRITE:
+                    self._schedule_flush(conn)
+                elif code == CUT_OFF:
+                    conn.settle()
+                elif code == PONG_OVERDUE:
                     self.stats.pong_timeouts += 1
                     log.info("closing %s: no pong within %.1fs", conn.id, timeout,
                              extra={"conn_id": conn.id})

@@ -13,13 +13,14 @@ from roomcast.shared.errors import (
 )
 from roomcast.shared.frames import Frame, PreparedMessage, build_frame, parse_frame
 from roomcast.shared.ids import ConnectionId, NodeId, Room, node_of
-from roomcast.shared.protocol import CloseCode, Opcode
+from roomcast.shared.rfc6455 import CloseCode, Data, Opcode
 
 __all__ = [
     "BrokerError",
     "CloseCode",
     "ConnectionClosedError",
     "ConnectionId",
+    "Data",
     "Envelope",
     "EnvelopeError",
     "Frame",

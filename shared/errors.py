@@ -14,7 +14,7 @@ Argument validation raises the built-in ``ValueError`` and ``TypeError``.
 
 from __future__ import annotations
 
-from roomcast.shared.protocol import CloseCode
+from roomcast.shared.rfc6455 import CloseCode
 
 
 class RoomcastError(Exception):

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Mapping
 
 from roomcast.shared.errors import HandshakeError
-from roomcast.shared.protocol import WS_GUID, WS_VERSION
+from roomcast.shared.rfc6455 import WS_GUID, WS_VERSION
 
 
 def _tokens(value: str) -> set[str]:

@@ -1,62 +1,15 @@
-"""RFC 6455 constants: opcodes, close codes and the handshake GUID.
+"""Deprecated alias of ``roomcast.shared.rfc6455`` (the module's name before issue 11).
 
-The names follow the seed's ``Opcode`` and ``CloseCode`` enums; the values are the
-numbers RFC 6455 assigns.
+Import ``Opcode``, ``CloseCode``, ``WS_GUID``, ``WS_VERSION`` and
+``is_sendable_close_code`` from ``roomcast.shared.rfc6455`` (or ``roomcast.shared``).
 """
 
-from __future__ import annotations
+from roomcast.shared.rfc6455 import (
+    WS_GUID,
+    WS_VERSION,
+    CloseCode,
+    Opcode,
+    is_sendable_close_code,
+)
 
-from enum import IntEnum
-from typing import Final
-
-WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-"""The fixed GUID that RFC 6455 section 1.3 appends to Sec-WebSocket-Key."""
-
-WS_VERSION: Final = "13"
-
-
-class Opcode(IntEnum):
-    """Frame opcodes (RFC 6455 section 5.2)."""
-
-    CONTINUATION = 0x0
-    TEXT = 0x1
-    BINARY = 0x2
-    CLOSE = 0x8
-    PING = 0x9
-    PONG = 0xA
-
-    @property
-    def is_control(self) -> bool:
-        """Control frames (close, ping, pong) have the high bit of the opcode set."""
-        return self >= 0x8
-
-
-class CloseCode(IntEnum):
-    """Close status codes (RFC 6455 section 7.4.1), named as in the seed."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    PROTOCOL_ERROR = 1002
-    UNSUPPORTED = 1003
-    NO_STATUS = 1005
-    ABNORMAL = 1006
-    INVALID_DATA = 1007
-    POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
-    EXTENSION_REQUIRED = 1010
-    INTERNAL_ERROR = 1011
-    TLS_HANDSHAKE = 1015
-
-
-_RESERVED_ON_WIRE: Final = frozenset({1004, 1005, 1006, 1015})
-
-
-def is_sendable_close_code(code: int) -> bool:
-    """True if ``code`` may appear in a close frame on the wire.
-
-    1005, 1006 and 1015 only ever describe a closure locally, 1004 is reserved, and
-    codes below 1000 or in 1016-2999 are unassigned; 3000-4999 are for applications.
-    """
-    if code in _RESERVED_ON_WIRE:
-        return False
-    return 1000 <= code <= 1014 or 3000 <= code <= 4999
+__all__ = ["WS_GUID", "WS_VERSION", "CloseCode", "Opcode", "is_sendable_close_code"]

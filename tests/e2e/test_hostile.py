@@ -36,7 +36,7 @@ from websockets.asyncio.client import ClientConnection
 
 from roomcast.node import EventHandler, Hub
 from roomcast.shared.frames import apply_mask, deflate_message, inflate_message, parse_close_payload
-from roomcast.shared.protocol import Opcode
+from roomcast.shared.rfc6455 import Opcode
 from tests.e2e.procs import NodeProcess
 from tests.rawws import RawClient
 

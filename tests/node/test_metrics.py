@@ -19,7 +19,7 @@ from roomcast.node.app import create_app
 from roomcast.node.hub import HUB
 from roomcast.node.metrics import LATENCY_BUCKETS, setup_metrics
 from roomcast.shared.envelope import Kind
-from roomcast.shared.protocol import CloseCode
+from roomcast.shared.rfc6455 import CloseCode
 
 Serve = Callable[[web.Application], Awaitable[str]]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from roomcast.node.app import create_app
 from roomcast.shared.frames import build_frame, parse_close_payload
-from roomcast.shared.protocol import Opcode
+from roomcast.shared.rfc6455 import Opcode
 from tests.rawws import RawClient
 
 Serve = Callable[[web.Application], Awaitable[str]]

@@ -7,6 +7,7 @@ here measures time (benchmarks under scripts/bench do that).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,12 +18,22 @@ import pytest
 import websockets
 from aiohttp import web
 
+import roomcast.node.core
 import roomcast.shared.frames
 from roomcast.node import CloseCode, Connection, ConnectionState, EventHandler, Hub, HubConfig
-from roomcast.shared.frames import PreparedMessage, text_frame
+from roomcast.shared.frames import (
+    PreparedMessage,
+    close_frame,
+    parse_close_payload,
+    parse_frame,
+    text_frame,
+)
+from roomcast.shared.rfc6455 import Opcode
 
 Serve = Callable[[web.Application], Awaitable[str]]
 ROOM = "hall"
+WAIT = 10.0
+"""Upper bound of every wait in these tests."""
 UPGRADE = (
     b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -195,8 +206,9 @@ async def test_compression_deflates_once_per_broadcast(
 async def test_slow_consumer_is_bounded_cut_off_and_never_delays_the_others(
     make_node: Callable[..., Awaitable[Node]],
 ) -> None:
-    """A member that stops reading holds at most send_buffer_limit bytes, is cut off with
-    1008, and the member that reads gets every broadcast before the next one is made."""
+    """A member that stops reading holds at most send_buffer_limit bytes plus one frame,
+    is cut off with 1008 only once the bytes it held were over the limit, and the member
+    that reads gets every broadcast before the next one is made."""
     limit = 64 * 1024
     node = await make_node(send_buffer_limit=limit)
     sock, slow = await raw_client(node, rcvbuf=4096)  # never reads
@@ -204,6 +216,7 @@ async def test_slow_consumer_is_bounded_cut_off_and_never_delays_the_others(
         fast = await session.ws_connect(node.base + "/ws")
         await asyncio.wait_for(node.opened.get(), 5)
         chunk = "z" * 8000
+        frame_size = len(text_frame(f"0000{chunk}"))
         held: list[int] = []
         try:
             for i in range(1000):
@@ -216,7 +229,9 @@ async def test_slow_consumer_is_bounded_cut_off_and_never_delays_the_others(
                 held.append(slow._out_size + transport.get_write_buffer_size())
             else:
                 pytest.fail("the slow consumer was never cut off")
-            assert held and max(held) <= limit
+            assert held and max(held) <= limit + frame_size
+            # refused only when what it held before the frame was over the limit
+            assert held[-1] > limit
             assert slow.close_code == CloseCode.POLICY_VIOLATION
             assert await asyncio.wait_for(node.closed.get(), 5) == (
                 slow.id, CloseCode.POLICY_VIOLATION, "slow consumer")
@@ -227,6 +242,49 @@ async def test_slow_consumer_is_bounded_cut_off_and_never_delays_the_others(
         finally:
             sock.close()
             await fast.close()
+
+
+async def test_a_cut_off_member_gets_the_1008_close_frame_after_what_it_was_sent(
+    make_node: Callable[..., Awaitable[Node]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow consumer that reads again after it was cut off finds, after the frames
+    that were written to it, a 1008 "slow consumer" close frame, then the end of the
+    stream: nothing that was queued but not written, nothing after the close frame."""
+    monkeypatch.setattr(roomcast.node.core, "ABORT_TIMEOUT", WAIT)  # reading takes time
+    limit = 16 * 1024
+    node = await make_node(send_buffer_limit=limit)
+    sock, slow = await raw_client(node, rcvbuf=4096)  # reads only once cut off
+    sent = 0
+    try:
+        while slow.state is ConnectionState.OPEN and sent < 10_000:
+            await node.hub.broadcast_to_room(ROOM, f"{sent:05}" + "w" * 2000)
+            sent += 1
+            await asyncio.sleep(0)  # the write of this turn
+        assert slow.state is ConnectionState.CLOSING
+        loop = asyncio.get_running_loop()
+        stream = bytearray()
+        async with asyncio.timeout(WAIT):
+            while chunk := await loop.sock_recv(sock, 65536):
+                stream += chunk
+        head = stream.index(b"\r\n\r\n") + 4  # the 101 response comes first
+        assert stream.startswith(b"HTTP/1.1 101 ")
+        del stream[:head]
+        frames = []
+        while stream:
+            parsed = parse_frame(stream, expect_masked=False)
+            assert parsed is not None, "the stream ends inside a frame"
+            frames.append(parsed[0])
+            del stream[: parsed[1]]
+        *data, last = frames
+        assert [f.payload[:5] for f in data] == [f"{i:05}".encode() for i in range(len(data))]
+        assert len(data) < sent  # the refused frame (and what was queued) never left
+        assert last.opcode is Opcode.CLOSE
+        assert parse_close_payload(last.payload) == (CloseCode.POLICY_VIOLATION,
+                                                     "slow consumer")
+        assert await asyncio.wait_for(node.closed.get(), WAIT) == (
+            slow.id, CloseCode.POLICY_VIOLATION, "slow consumer")
+    finally:
+        sock.close()
 
 
 async def test_a_reader_that_keeps_up_is_never_cut_off(
@@ -248,10 +306,12 @@ async def test_a_reader_that_keeps_up_is_never_cut_off(
 
 
 async def test_one_turn_over_the_limit_cuts_off_before_anything_is_written(
-    make_node: Callable[..., Awaitable[Node]],
+    make_node: Callable[..., Awaitable[Node]], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Queuing more than the limit in one turn drops the member; nothing is buffered,
-    and only what was queued counts as delivered."""
+    """Queuing more than the limit in one turn drops the member; nothing queued is
+    written (only its 1008 close frame), the cut-off is logged, and only what was
+    queued counts as delivered."""
+    caplog.set_level(logging.INFO, "roomcast.node")
     node = await make_node(send_buffer_limit=10_000)
     sock, conn = await raw_client(node)
     writes = Writes()
@@ -262,12 +322,15 @@ async def test_one_turn_over_the_limit_cuts_off_before_anything_is_written(
         assert conn.state is ConnectionState.CLOSING
         assert conn._out is None and conn._out_size == 0
         assert node.hub.stats.slow_consumers == 1
-        # counted: the three that were queued, not the one that tipped it nor the last
-        assert node.hub.stats.messages_out == 3
-        assert node.hub.stats.bytes_out == 3 * 3000
+        assert f"cut off {conn.id}: slow consumer" in caplog.text
+        # Counted: the four that were queued (the fourth while 9,012 bytes were held,
+        # within the limit), not the fifth, refused with 12,016 bytes held.
+        assert node.hub.stats.messages_out == 4
+        assert node.hub.stats.bytes_out == 4 * 3000
         assert not await node.hub.send_to(conn.id, "gone")
         await asyncio.wait_for(node.closed.get(), 5)
-        assert writes.calls[conn.id] == []
+        assert writes.calls[conn.id] == [close_frame(CloseCode.POLICY_VIOLATION,
+                                                     "slow consumer")]
     finally:
         sock.close()
 
@@ -280,10 +343,11 @@ async def test_send_that_tips_a_member_over_is_not_counted_as_sent(
     sock, conn = await raw_client(node)
     try:
         assert await node.hub.send_to(conn.id, "s" * 6000)
-        assert not await node.hub.send_to(conn.id, "s" * 6000)
+        assert await node.hub.send_to(conn.id, "s" * 6000)  # 6,004 held: within the limit
+        assert not await node.hub.send_to(conn.id, "s" * 6000)  # 12,008 held: over it
         assert conn.state is ConnectionState.CLOSING
         assert node.hub.stats.slow_consumers == 1
-        assert node.hub.stats.messages_out == 1
+        assert node.hub.stats.messages_out == 2
         await asyncio.wait_for(node.closed.get(), 5)
     finally:
         sock.close()

@@ -40,7 +40,7 @@ from roomcast.shared.frames import (
     pong_frame,
     text_frame,
 )
-from roomcast.shared.protocol import CloseCode, Opcode
+from roomcast.shared.rfc6455 import CloseCode, Opcode
 
 MASK = b"\x37\xfa\x21\x3d"
 COMPRESSIBLE = ("roomcast broadcast " * 40).encode()

@@ -39,7 +39,7 @@ from roomcast.shared.frames import (
     parse_close_payload,
     parse_frame,
 )
-from roomcast.shared.protocol import Opcode, is_sendable_close_code
+from roomcast.shared.rfc6455 import Opcode, is_sendable_close_code
 
 RELAXED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 """Timing is no part of these properties, and the suite also runs busy node processes."""

@@ -33,12 +33,13 @@ from aiohttp.web_protocol import RequestHandler
 
 from roomcast.broker import Broker, MemoryBroker
 from roomcast.node import Connection, EventHandler, Hub, HubConfig, Message
-from roomcast.node.protocol import CLOSE_TIMEOUT, INBOX_HIGH
+from roomcast.node.asyncio_protocol import INBOX_HIGH
+from roomcast.node.core import CLOSE_TIMEOUT, NOTHING
 from roomcast.shared.errors import BrokerError
 from roomcast.shared.frames import build_frame, parse_close_payload
 from roomcast.shared.handshake import accept_key
 from roomcast.shared.ids import Room
-from roomcast.shared.protocol import CloseCode, Opcode
+from roomcast.shared.rfc6455 import CloseCode, Opcode
 from tests.rawws import RawClient
 
 Serve = Callable[[web.Application], Awaitable[str]]
@@ -287,19 +288,19 @@ async def test_reading_pauses_while_callbacks_lag_and_nothing_is_lost(serve: Ser
             assert protocol is not None and transport is not None
             # The writer buffers what the socket cannot take; no drain, so no blocking.
             client.send(b"".join(masked_text(text) for text in texts))
-            await eventually(lambda: protocol._paused, "reading paused")
+            await eventually(lambda: conn.reading_paused, "reading paused")
             assert not transport.is_reading()
             assert protocol._inbox is not None and len(protocol._inbox) >= INBOX_HIGH - 1
             # While the node does not read, a pong could not be seen: the keepalive
             # must not blame the client for the node's own backlog, however late it is.
             later = time.time() + 3600
-            assert conn._keepalive(later, 1.0, 1.0, b"ping")
-            assert conn._keepalive(later + 3600, 1.0, 1.0, b"ping")
+            assert conn.keepalive(later, 1.0, 1.0) == NOTHING
+            assert conn.keepalive(later + 3600, 1.0, 1.0) == NOTHING
         finally:
             gate.set()
         await events.until(lambda: len(events.log) >= len(texts))
         assert events.log == [("message", text) for text in texts]
-        assert not protocol._paused and transport.is_reading()
+        assert not conn.reading_paused and transport.is_reading()
         # Reading really resumed: a message sent now is read too.
         client.send(masked_text("after"))
         await events.until(lambda: events.log[-1] == ("message", "after"))

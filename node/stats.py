@@ -1,0 +1,30 @@
+"""The counters of one hub, in plain integers; the node exports them as metrics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Counters of one hub; the node exports them as metrics."""
+
+    connections_opened: int = 0
+    connections_closed: int = 0
+    broadcasts: int = 0
+    envelopes_received: int = 0
+    messages_in: int = 0
+    bytes_in: int = 0
+    messages_out: int = 0
+    """Deliveries: one per recipient of every message."""
+    bytes_out: int = 0
+    refused_full: int = 0
+    refused_origin: int = 0
+    refused_handshake: int = 0
+    refused_draining: int = 0
+    slow_consumers: int = 0
+    pong_timeouts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return asdict(self)
