@@ -105,7 +105,7 @@ _SERVE_OPTIONS = [
             DEFAULT_PONG_TIMEOUT_MS, "close a client whose pong is this late (1011)"),
     _Option("--send-buffer-limit", "ROOMCAST_SEND_BUFFER_LIMIT", _positive,
             DEFAULT_SEND_BUFFER_LIMIT,
-            "unsent bytes per connection before it is cut off as a slow consumer (1008)"),
+            "unsent bytes per connection before it is cut off as a slow consumer (1013)"),
     _Option("--compression", "ROOMCAST_COMPRESSION", _bool, False,
             "negotiate permessage-deflate with clients that offer it",
             nargs="?", const="true"),

@@ -23,13 +23,13 @@ Close codes (RFC 6455 section 7.4). Ours: ``begin_close`` queues the close frame
 the frames already queued; the peer's answer completes the handshake. The peer's: its
 code is echoed (1000 for a close frame without one, 1005), then the socket ends. A
 frame the reader refuses: 1002, 1007 or 1009 with the fault as reason. Aborts, which
-drop what is queued and queue only the close frame: 1008 "slow consumer", 1011
+drop what is queued and queue only the close frame: 1013 "slow consumer", 1011
 "keepalive pong timeout", 1011 "server error while opening". The socket is then
 closed once the output is written, and aborted if it lingers (``abort_after``).
 
 The outgoing buffer and the slow-consumer rule: frames wait in the core until the next
 ``take_output`` (one write per event-loop turn); bytes written and not yet sent are the
-transport's. A frame is refused, and the connection cut off with 1008, only when the
+transport's. A frame is refused, and the connection cut off with 1013, only when the
 bytes already held for the client before it, waiting here or unsent, are over
 ``send_buffer_limit``. A client is thus judged by whether it drains, not by the size of
 one message: a message of any size reaches a client that reads, and a client that does
@@ -279,14 +279,14 @@ class ConnectionCore:
         ``WRITE`` if it is the first frame since the last write, ``NOTHING`` if it waits
         behind others (or the connection is not open and it was dropped), ``CUT_OFF`` if
         the bytes held before it are over the limit: then the frame is refused, the
-        connection is aborted with 1008 "slow consumer" and only its close frame waits.
+        connection is aborted with 1013 "slow consumer" and only its close frame waits.
         """
         if self.state is not _OPEN:
             return NOTHING
         if self._out_size + self._unsent > self._limit:
             self._unsent = self.unsent_now()
             if self._out_size + self._unsent > self._limit:
-                self.begin_abort(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER_REASON)
+                self.begin_abort(CloseCode.TRY_AGAIN_LATER, SLOW_CONSUMER_REASON)
                 self._ending = _CUT_OFF
                 return CUT_OFF
         self._out_size += len(frame)

@@ -30,7 +30,8 @@ class HubConfig:
     allows every origin.
 
     ``send_buffer_limit`` is not in the seed: the bytes that may wait unsent for one
-    connection before it is cut off as a slow consumer (close code 1008).
+    connection before it is cut off as a slow consumer (close code 1013,
+    "try again later": the client may reconnect).
     """
 
     max_connections: int = DEFAULT_MAX_CONNECTIONS

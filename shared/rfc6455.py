@@ -36,7 +36,8 @@ class Opcode(IntEnum):
 
 
 class CloseCode(IntEnum):
-    """Close status codes (RFC 6455 section 7.4.1), named as in the seed."""
+    """Close status codes (RFC 6455 section 7.4.1, and 1012-1014 from IANA's registry),
+    named as in the seed."""
 
     NORMAL = 1000
     GOING_AWAY = 1001
@@ -49,6 +50,12 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009
     EXTENSION_REQUIRED = 1010
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    """IANA registry: the server is restarting."""
+    TRY_AGAIN_LATER = 1013
+    """IANA registry: a temporary condition; roomcast cuts off a slow reader with it."""
+    BAD_GATEWAY = 1014
+    """IANA registry: a gateway got an invalid response upstream."""
     TLS_HANDSHAKE = 1015
 
 

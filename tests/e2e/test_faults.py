@@ -589,7 +589,7 @@ SEND_BUFFER_LIMIT = 256 * 1024
 @pytest.mark.timeout(60)
 async def test_slow_consumer_is_cut_off_without_slowing_the_room() -> None:
     """A member that stops reading in a room busy with 8 KB messages (~800 KB/s) is cut
-    off once more than --send-buffer-limit bytes wait for it: close code 1008 in the log
+    off once more than --send-buffer-limit bytes wait for it: close code 1013 in the log
     and on_close (the room is told it left), the slow-consumer metric counts it; the
     other member on its node gets every message meanwhile, its latency within bounds."""
     import socket
@@ -659,7 +659,7 @@ async def test_slow_consumer_is_cut_off_without_slowing_the_room() -> None:
             assert reader.open
             samples = await scrape(n0.url, probe)
             assert samples["roomcast_slow_consumer_disconnects_total"] == 1
-            assert f"closed {slow_id} with 1008 slow consumer" in n0.log()
+            assert f"closed {slow_id} with 1013 slow consumer" in n0.log()
             assert slow_id not in await api_room(probe, n1.url, "busy")
 
 

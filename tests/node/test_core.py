@@ -3,7 +3,7 @@
 Bytes and times go in; the frames it queues (``take_output``), the events it returns,
 its state and what it says to do with the socket come out. Every close-code path of
 ``node.core`` is here: ours, the peer's (1000 echo, 1005 answered 1000), 1001 on
-shutdown, protocol faults 1002/1007/1009, 1008 slow consumer, 1011 pong timeout and
+shutdown, protocol faults 1002/1007/1009, 1013 slow consumer, 1011 pong timeout and
 error while opening; the keepalive deadlines with the paused-reading exemption; the
 slow-consumer rule; refused state transitions.
 """
@@ -310,7 +310,7 @@ def test_a_message_larger_than_the_limit_goes_to_a_client_that_holds_nothing() -
 
 def test_a_frame_is_refused_only_when_what_was_held_before_it_is_over_the_limit() -> None:
     """Queued plus unsent bytes over the limit before a frame: refused, cut off with
-    1008, what was queued is dropped and only the close frame waits."""
+    1013, what was queued is dropped and only the close frame waits."""
     core = opened(limit=1000)
     assert core.push(b"q" * 600) == WRITE
     assert core.push(b"q" * 400) == NOTHING  # 600 held: fine (1000 after it)
@@ -318,9 +318,9 @@ def test_a_frame_is_refused_only_when_what_was_held_before_it_is_over_the_limit(
     core.transport_holds = 10**9
     assert core.push(b"refused") == CUT_OFF  # 1001 held
     assert core.state is ConnectionState.CLOSING
-    assert (core.close_code, core.close_reason) == (1008, "slow consumer")
+    assert (core.close_code, core.close_reason) == (1013, "slow consumer")
     (out,) = frames_out(core)
-    assert close_of(out) == (1008, "slow consumer")
+    assert close_of(out) == (1013, "slow consumer")
     assert core.close_transport and core.abort_after == ABORT_TIMEOUT
     assert core.take_cut_off() and not core.take_cut_off()  # reported once
     assert core.push(b"after") == NOTHING
@@ -441,12 +441,12 @@ def test_no_pong_is_awaited_while_the_node_does_not_read() -> None:
 
 
 def test_a_keepalive_ping_to_a_client_over_the_limit_cuts_it_off() -> None:
-    """The ping is a frame like any other: over the limit, it is refused with 1008."""
+    """The ping is a frame like any other: over the limit, it is refused with 1013."""
     core = opened(limit=10)
     core.push(b"x" * 100)
     core.transport_holds = 0
     assert core.keepalive(T0 + INTERVAL, INTERVAL, TIMEOUT) == CUT_OFF
-    assert close_of(frames_out(core)[0]) == (1008, "slow consumer")
+    assert close_of(frames_out(core)[0]) == (1013, "slow consumer")
 
 
 def test_a_ping_from_a_client_over_the_limit_cuts_it_off() -> None:
@@ -456,4 +456,4 @@ def test_a_ping_from_a_client_over_the_limit_cuts_it_off() -> None:
     events = core.receive(masked(Opcode.PING, b"flood"), 64, T0)
     assert events == [(Opcode.PING, b"flood")]
     assert core.ending and core.take_cut_off()
-    assert frames_out(core) == [(Opcode.CLOSE, close_frame(1008, "slow consumer")[2:])]
+    assert frames_out(core) == [(Opcode.CLOSE, close_frame(1013, "slow consumer")[2:])]

@@ -207,7 +207,7 @@ async def test_slow_consumer_is_bounded_cut_off_and_never_delays_the_others(
     make_node: Callable[..., Awaitable[Node]],
 ) -> None:
     """A member that stops reading holds at most send_buffer_limit bytes plus one frame,
-    is cut off with 1008 only once the bytes it held were over the limit, and the member
+    is cut off with 1013 only once the bytes it held were over the limit, and the member
     that reads gets every broadcast before the next one is made."""
     limit = 64 * 1024
     node = await make_node(send_buffer_limit=limit)
@@ -232,9 +232,9 @@ async def test_slow_consumer_is_bounded_cut_off_and_never_delays_the_others(
             assert held and max(held) <= limit + frame_size
             # refused only when what it held before the frame was over the limit
             assert held[-1] > limit
-            assert slow.close_code == CloseCode.POLICY_VIOLATION
+            assert slow.close_code == CloseCode.TRY_AGAIN_LATER
             assert await asyncio.wait_for(node.closed.get(), 5) == (
-                slow.id, CloseCode.POLICY_VIOLATION, "slow consumer")
+                slow.id, CloseCode.TRY_AGAIN_LATER, "slow consumer")
             assert node.hub.stats.slow_consumers == 1
             assert slow._out is None
             await node.hub.broadcast_to_room(ROOM, "after")
@@ -244,11 +244,11 @@ async def test_slow_consumer_is_bounded_cut_off_and_never_delays_the_others(
             await fast.close()
 
 
-async def test_a_cut_off_member_gets_the_1008_close_frame_after_what_it_was_sent(
+async def test_a_cut_off_member_gets_the_1013_close_frame_after_what_it_was_sent(
     make_node: Callable[..., Awaitable[Node]], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A slow consumer that reads again after it was cut off finds, after the frames
-    that were written to it, a 1008 "slow consumer" close frame, then the end of the
+    that were written to it, a 1013 "slow consumer" close frame, then the end of the
     stream: nothing that was queued but not written, nothing after the close frame."""
     monkeypatch.setattr(roomcast.node.core, "ABORT_TIMEOUT", WAIT)  # reading takes time
     limit = 16 * 1024
@@ -279,10 +279,10 @@ async def test_a_cut_off_member_gets_the_1008_close_frame_after_what_it_was_sent
         assert [f.payload[:5] for f in data] == [f"{i:05}".encode() for i in range(len(data))]
         assert len(data) < sent  # the refused frame (and what was queued) never left
         assert last.opcode is Opcode.CLOSE
-        assert parse_close_payload(last.payload) == (CloseCode.POLICY_VIOLATION,
+        assert parse_close_payload(last.payload) == (CloseCode.TRY_AGAIN_LATER,
                                                      "slow consumer")
         assert await asyncio.wait_for(node.closed.get(), WAIT) == (
-            slow.id, CloseCode.POLICY_VIOLATION, "slow consumer")
+            slow.id, CloseCode.TRY_AGAIN_LATER, "slow consumer")
     finally:
         sock.close()
 
@@ -309,7 +309,7 @@ async def test_one_turn_over_the_limit_cuts_off_before_anything_is_written(
     make_node: Callable[..., Awaitable[Node]], caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Queuing more than the limit in one turn drops the member; nothing queued is
-    written (only its 1008 close frame), the cut-off is logged, and only what was
+    written (only its 1013 close frame), the cut-off is logged, and only what was
     queued counts as delivered."""
     caplog.set_level(logging.INFO, "roomcast.node")
     node = await make_node(send_buffer_limit=10_000)
@@ -329,7 +329,7 @@ async def test_one_turn_over_the_limit_cuts_off_before_anything_is_written(
         assert node.hub.stats.bytes_out == 4 * 3000
         assert not await node.hub.send_to(conn.id, "gone")
         await asyncio.wait_for(node.closed.get(), 5)
-        assert writes.calls[conn.id] == [close_frame(CloseCode.POLICY_VIOLATION,
+        assert writes.calls[conn.id] == [close_frame(CloseCode.TRY_AGAIN_LATER,
                                                      "slow consumer")]
     finally:
         sock.close()
