@@ -91,7 +91,7 @@ async def echo(request: web.Request) -> web.StreamResponse:
 
 async def index(request: web.Request) -> web.Response:
     """The chat page."""
-    page = resources.files("node").joinpath("chat.html").read_text("utf-8")
+    page = resources.files("roomcast.node").joinpath("chat.html").read_text("utf-8")
     return web.Response(text=page, content_type="text/html")
 
 
