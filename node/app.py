@@ -95,7 +95,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     add_demo_routes(app)
     if options.metrics:
-        setup_metrics(app, hub)
+        setup_metrics(app, hub, health)
     setup_api(app, hub, options.api_key)
     return app
 

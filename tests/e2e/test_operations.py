@@ -73,14 +73,23 @@ async def healthz(url: str) -> dict[str, Any]:
         return details
 
 
+async def broker_state_metric(url: str) -> dict[str, float]:
+    """roomcast_broker_state by state label, from one scrape."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    return {s.labels["state"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "roomcast_broker_state"}
+
+
 async def test_readyz_stays_ready_while_redis_is_down_and_healthz_reports_it(
     redis_server: RedisServer,
 ) -> None:
     """Redis killed: /readyz stays 200 (the node still serves its local rooms, and an
     outage must not mark every node down at once), a local room keeps working, and
-    /healthz (200 throughout) reports the broker disconnected, then connected again
-    after Redis is back, each with the time of the change. (Before issue 12/16, /readyz
-    answered 503 during an outage; this test pinned that and now pins the opposite.)"""
+    /healthz (200 throughout) and the roomcast_broker_state metric report the broker
+    disconnected, then connected again after Redis is back, with the time of the change.
+    (Before issues 12/16, /readyz answered 503 during an outage; this test pinned that
+    and now pins the opposite.)"""
     with NodeProcess("--redis", redis_server.url) as node:
         assert await status(node.url + "/readyz") == 200
         first = await healthz(node.url)
@@ -93,6 +102,8 @@ async def test_readyz_stays_ready_while_redis_is_down_and_healthz_reports_it(
             return (await healthz(node.url))["broker"]["state"] == "disconnected"
 
         await until(broker_down, 10, "/healthz reports the broker disconnected")
+        assert await broker_state_metric(node.url) == {
+            "connected": 0, "degraded": 0, "disconnected": 1}
         down = await healthz(node.url)
         assert down["broker"]["since"] > first["broker"]["since"]
         assert await status(node.url + "/readyz") == 200
@@ -111,6 +122,7 @@ async def test_readyz_stays_ready_while_redis_is_down_and_healthz_reports_it(
 
         await until(broker_back, 15, "/healthz reports the broker connected again")
         assert await status(node.url + "/readyz") == 200
+        assert (await broker_state_metric(node.url))["connected"] == 1
         assert node.proc is not None and node.proc.poll() is None
 
 
