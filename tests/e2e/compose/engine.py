@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.redis_server import free_port
+
 REPO = Path(__file__).resolve().parents[3]
 STANDINS = Path(__file__).resolve().with_name("standins")
 BASE_IMAGE = "roomcast-standin/bookworm"
@@ -418,10 +420,10 @@ class Project:
         self.override = engine._tmp / f"{name}.override.yml"
         build = {"context": str(REPO), "args": {"ROOMCAST_WHEELS": WHEELS_DIR}}
         self.override.write_text(json.dumps({"services": {n: {"build": build} for n in nodes}}))
-        self.env = {**engine.build_env(), "ROOMCAST_HTTP_PORT": f"127.0.0.1:{http_port}",
-                    "ROOMCAST_STATS_PORT": str(stats_port)}
+        self.env = engine.build_env()
         self.env.pop("COMPOSE_PROJECT_NAME", None)
         self.env.pop("COMPOSE_FILE", None)
+        self.set_ports(http_port, stats_port)
 
     def compose(self, *args: str, timeout: float = 120,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -434,15 +436,28 @@ class Project:
         started = time.monotonic()
         # --force-rm: a failed build leaves no intermediate container behind
         self.compose("build", "--force-rm", timeout=900)
-        self.compose("up", "-d", timeout=600)
+        for attempt in range(3):
+            result = self.compose("up", "-d", timeout=600, check=attempt == 2)
+            if result.returncode == 0:
+                break
+            if "address already in use" not in result.stdout + result.stderr:
+                raise RuntimeError(f"compose up failed:\n{result.stdout}\n{result.stderr}")
+            # another process took a free port picked earlier: publish on new ones
+            self.set_ports(free_port(), free_port())
         return time.monotonic() - started
+
+    def set_ports(self, http_port: int, stats_port: int) -> None:
+        """Publish HAProxy's port and stats page on these loopback ports."""
+        self.http_port, self.stats_port = http_port, stats_port
+        self.env["ROOMCAST_HTTP_PORT"] = f"127.0.0.1:{http_port}"
+        self.env["ROOMCAST_STATS_PORT"] = str(stats_port)
 
     def down(self) -> None:
         """Remove containers, networks, volumes and the images built for the project."""
         self.compose("down", "-v", "--rmi", "local", "--remove-orphans", timeout=300)
 
     def container(self, service: str) -> str:
-        ids = self.compose("ps", "-q", service).stdout.split()
+        ids = self.compose("ps", "-a", "-q", service).stdout.split()
         assert len(ids) == 1, f"{service}: containers {ids}"
         return ids[0]
 
