@@ -443,7 +443,8 @@ async def test_demo_with_redis_cluster(engine: Engine) -> None:
 
         async def promoted() -> bool:
             states = await server_states(proj)
-            if any(states.get(n) != "UP" for n in NODES):
+            # "UP 1/2" (a check failed, e.g. on a busy machine) is still in rotation
+            if any(not states.get(n, "").startswith("UP") for n in NODES):
                 unready.append(states)
             status, _ = await http_get(base_http + "/")
             served_during.append(status)
