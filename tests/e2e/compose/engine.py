@@ -212,7 +212,8 @@ class Engine:
             raise Unavailable("no Docker engine answers and dockerd is not installed")
         if os.geteuid() != 0:
             raise Unavailable("no Docker engine answers and starting dockerd needs root")
-        for path in (Path("/run/docker"), Path("/var/run/docker.sock")):
+        for path in (Path("/run/docker"), Path("/run/containerd"),
+                     Path("/var/run/docker.sock")):
             if not path.exists():
                 self._created_run_dirs.append(path)
         self.before = NetworkState.read()
