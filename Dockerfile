@@ -12,7 +12,17 @@ COPY pyproject.toml README.md /tmp/roomcast/
 COPY node /tmp/roomcast/node
 COPY broker /tmp/roomcast/broker
 COPY shared /tmp/roomcast/shared
-RUN pip install /tmp/roomcast && rm -rf /tmp/roomcast
+# Offline builds (the compose smoke test): ROOMCAST_WHEELS names a folder of the build
+# context holding wheels of every dependency and of setuptools, and pip installs from it
+# alone, with no index. Unset (the default), the COPY below only copies pyproject.toml
+# again and pip installs from the package index as usual.
+ARG ROOMCAST_WHEELS=
+COPY ${ROOMCAST_WHEELS:-pyproject.toml} /tmp/wheels/
+RUN if [ -n "$ROOMCAST_WHEELS" ]; then \
+        pip install --no-index --find-links /tmp/wheels /tmp/roomcast; \
+    else \
+        pip install /tmp/roomcast; \
+    fi && rm -rf /tmp/roomcast /tmp/wheels
 
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/roomcast --shell /usr/sbin/nologin roomcast
 USER roomcast
@@ -28,7 +38,8 @@ EXPOSE 8080
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ROOMCAST_PORT', '8080'), timeout=2)"]
 
-# SIGTERM drains: clients get a 1001 close, presence is removed, exit 0.
+# SIGTERM drains: readiness fails first (ROOMCAST_DRAIN_NOTICE_SECONDS), then clients get
+# a 1001 close, presence is removed, exit 0.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["roomcast"]
 CMD ["serve"]

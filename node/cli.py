@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from roomcast.broker import create_broker
-from roomcast.node.app import NodeOptions, create_app
+from roomcast.node.app import NodeOptions, create_app, install_drain
 from roomcast.node.hub import HUB
 from roomcast.node.logs import configure_logging, set_node_id
 from roomcast.shared.config import (
@@ -51,6 +51,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError("must be > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be >= 0")
     return value
 
 
@@ -118,6 +125,9 @@ _SERVE_OPTIONS = [
             "share the port with other processes (SO_REUSEPORT)", nargs="?", const="true"),
     _Option("--drain-seconds", "ROOMCAST_DRAIN_SECONDS", _positive_float, 10.0,
             "on SIGTERM, how long clients get to receive their 1001 close"),
+    _Option("--drain-notice-seconds", "ROOMCAST_DRAIN_NOTICE_SECONDS", _non_negative_float,
+            0.0, "on SIGTERM, how long /readyz fails before clients are closed (give the "
+            "load balancer time to stop sending new clients here)"),
     _Option("--api-key", "ROOMCAST_API_KEY", _api_key, None,
             "bearer key for the HTTP API under /api; unset leaves the API off"),
     _Option("--metrics", "ROOMCAST_METRICS", _bool, True,
@@ -208,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--workers: a fixed --port is needed for workers to share it")
     options = NodeOptions(
         api_key=values["api_key"], drain_seconds=values["drain_seconds"],
-        metrics=values["metrics"],
+        metrics=values["metrics"], drain_notice=values["drain_notice_seconds"],
     )
     if args.check:
         print("configuration ok", file=sys.stderr)
@@ -218,9 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from roomcast.node.supervisor import Supervisor
 
         argv_list = list(sys.argv[1:] if argv is None else argv)
-        # Workers get the drain time plus a margin before they are killed.
-        return Supervisor(argv_list, values["workers"], values["drain_seconds"] + 5).run()
+        # Workers get the notice and drain time plus a margin before they are killed.
+        grace = values["drain_notice_seconds"] + values["drain_seconds"] + 5
+        return Supervisor(argv_list, values["workers"], grace).run()
     app = create_app(config, broker=broker, options=options)
+    install_drain(app)
     set_node_id(app[HUB].node_id)  # the Hub made the id: from now on every log line has it
     try:
         web.run_app(app, host=values["host"], port=values["port"], print=_ready_line,

@@ -39,6 +39,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from roomcast.broker import Broker
+from roomcast.node.health import BrokerHealth, BrokerState
 from roomcast.node.hub import Hub, HubStats
 
 log = logging.getLogger("roomcast.metrics")
@@ -121,8 +122,10 @@ _REFUSED: Final[dict[str, Callable[[HubStats], int]]] = {
 class NodeMetrics:
     """The prometheus_client metrics of one hub, and the sync from its plain counters."""
 
-    def __init__(self, hub: Hub, *, multiprocess_dir: str | None = None) -> None:
+    def __init__(self, hub: Hub, *, multiprocess_dir: str | None = None,
+                 health: BrokerHealth | None = None) -> None:
         self.hub = hub
+        self.health = health
         self.multiprocess = multiprocess_dir is not None
         # Metrics are not registered globally: several nodes may live in one process
         # (tests, embedders), each with its own registry.
@@ -149,6 +152,18 @@ class NodeMetrics:
             "1 if the broker link is up (on every node process of this port), else 0.",
             registry=None, multiprocess_mode="livemin",
         )
+        self._broker_state = Gauge(
+            "roomcast_broker_state",
+            "Node processes whose broker is in this state (connected, degraded, "
+            "disconnected): 1 or 0 for one process.",
+            ["state"], registry=None, multiprocess_mode="livesum",
+        )
+        self._broker_state_since = Gauge(
+            "roomcast_broker_state_since_seconds",
+            "Unix time the broker entered its current state (the latest over the node "
+            "processes of this port).",
+            registry=None, multiprocess_mode="livemax",
+        )
         self.latency = Histogram(
             "roomcast_delivery_latency_seconds",
             "Seconds from publish on another node to local delivery, once per envelope.",
@@ -163,7 +178,8 @@ class NodeMetrics:
             )
         else:
             for metric in (*self._counters.values(), self._refused, self._connections,
-                           self._rooms, self._broker_connected, self.latency):
+                           self._rooms, self._broker_connected, self._broker_state,
+                           self._broker_state_since, self.latency):
                 self.registry.register(metric)
             ProcessCollector(registry=self.registry)
 
@@ -183,6 +199,12 @@ class NodeMetrics:
         self._connections.set(len(hub.connections()))
         self._rooms.set(len(hub.local_rooms()))
         self._broker_connected.set(1 if broker.connected else 0)
+        if self.health is not None:
+            current = self.health.sample()
+            for state in BrokerState:
+                self._broker_state.labels(state=state.value).set(
+                    1 if state is current else 0)
+            self._broker_state_since.set(self.health.since_wall)
 
     def _push(self, counter: Counter, key: str, value: int) -> None:
         delta = value - self._pushed.get(key, 0)
@@ -217,14 +239,16 @@ METRICS: Final = web.AppKey("roomcast_metrics", NodeMetrics)
 """Where ``setup_metrics`` stores the node's metrics on the Application."""
 
 
-def setup_metrics(app: web.Application, hub: Hub) -> NodeMetrics:
-    """Serve the hub's and broker's counters at ``GET /metrics``.
+def setup_metrics(app: web.Application, hub: Hub,
+                  health: BrokerHealth | None = None) -> NodeMetrics:
+    """Serve the hub's and broker's counters (and ``health``'s broker state, if given) at
+    ``GET /metrics``.
 
     Uses multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` names a directory (it must
     be set before the process starts, as ``roomcast serve --workers N`` does).
     """
     multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
-    metrics = NodeMetrics(hub, multiprocess_dir=multiprocess_dir)
+    metrics = NodeMetrics(hub, multiprocess_dir=multiprocess_dir, health=health)
     app[METRICS] = metrics
     previous = hub.on_envelope_latency
     if previous is None:

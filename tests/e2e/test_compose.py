@@ -1,6 +1,7 @@
 """docker-compose.yml, the Dockerfile and scripts/haproxy.cfg stay consistent with the code.
 
-There is no Docker engine in CI, so this reads the files: every node service's command and
+This reads the files (tests/e2e/test_compose_live.py runs them on a real engine where the
+machine can run one): every node service's command and
 environment pass ``roomcast serve --check``; haproxy mounts the cfg scripts/cluster uses,
 gets every variable the cfg needs, and points at every node on its port; ``haproxy -c``
 accepts the cfg with the compose and the local environments; the Dockerfile's build
@@ -271,10 +272,18 @@ def test_node_service_reaches_redis_restarts_and_drains(name: str) -> None:
     assert "healthcheck" in SERVICES[redis_service]
     # a node exits 1 when Redis is unreachable at start-up: it must be restarted
     assert service.get("restart") in ("on-failure", "always", "unless-stopped")
-    # docker stop waits long enough for the node's drain (SIGTERM → 1001 to clients)
+    # docker stop waits long enough for the node's notice and drain (SIGTERM → /readyz
+    # 503, then 1001 to clients)
     drain = next(o.default for o in _SERVE_OPTIONS if o.flag == "--drain-seconds")
     drain = float(env.get("ROOMCAST_DRAIN_SECONDS", drain))
-    assert _seconds(service.get("stop_grace_period", "10s")) > drain
+    notice = float(env.get("ROOMCAST_DRAIN_NOTICE_SECONDS", 0))
+    assert notice > 0, "the balancer gets a notice before the node closes its clients"
+    assert _seconds(service.get("stop_grace_period", "10s")) > notice + drain
+    # ... and the notice covers HAProxy's time to mark the node down: one check interval,
+    # then fall-1 more at fastinter
+    lb_env = service_env(_haproxy_service())
+    inter = _seconds(lb_env.get(LB_PREFIX + "CHECK_INTER", "1s"))
+    assert notice >= inter + 0.25 * (2 - 1) + 0.5, (notice, inter)
 
 
 def test_redis_service_keeps_nothing_on_disk() -> None:
@@ -334,6 +343,22 @@ def test_haproxy_publishes_the_port_it_binds_and_waits_for_healthy_nodes() -> No
     assert any(str(p).split(":")[-2] == "8080" for p in service["ports"]), "published on 8080"
     for name in NODE_SERVICES:
         assert service["depends_on"][name]["condition"] == "service_healthy"
+
+
+def test_haproxy_stop_grace_outlasts_its_hard_stop() -> None:
+    """docker stop gives HAProxy longer than the cfg's hard-stop-after, so that with
+    WebSockets open it ends them itself and exits, instead of being SIGKILLed (137)."""
+    match = re.search(r"^\s*hard-stop-after\s+(\S+)", HAPROXY_CFG.read_text(), re.M)
+    assert match is not None
+    grace = _seconds(_haproxy_service().get("stop_grace_period", "10s"))
+    assert grace >= _seconds(match.group(1)) + 2
+
+
+def test_redis_leaves_no_volume_behind() -> None:
+    """The single Redis keeps nothing: /data is a tmpfs, so no anonymous volume is made
+    (the image declares VOLUME /data)."""
+    tmpfs = SERVICES[_service_by_image("redis:")].get("tmpfs")
+    assert tmpfs in ("/data", ["/data"]), tmpfs
 
 
 def test_haproxy_cfg_passes_haproxy_check_with_compose_env() -> None:
@@ -413,20 +438,51 @@ def _ignored(path: str, patterns: list[str]) -> bool:
     return excluded
 
 
-def build_context_image(root: Path) -> Path:
+def _expand(word: str, args: dict[str, str]) -> str:
+    """The Dockerfile's ${NAME}, ${NAME:-default} in a COPY source, with ``args``."""
+
+    def replace(match: re.Match[str]) -> str:
+        value = args.get(match.group(1), "")
+        return value or (match.group(3) or "") if match.group(2) == ":-" else value
+
+    return re.sub(r"\$\{(\w+)(?:(:-)([^}]*))?\}", replace, word)
+
+
+def _pip_install_targets(run: str) -> list[str]:
+    """The local paths every ``pip install`` in a RUN installs (option values left out)."""
+    targets = []
+    for segment in re.findall(r"\bpip install\b([^;&|]*)", run):
+        words = segment.split()
+        skip = False
+        for word in words:
+            if skip:
+                skip = False
+            elif word in ("--find-links", "-f", "--index-url", "-i"):
+                skip = True
+            elif not word.startswith("-"):
+                targets.append(word)
+    return targets
+
+
+def build_context_image(root: Path, build_args: dict[str, str] | None = None) -> Path:
     """Replay the Dockerfile's COPY steps from the build context (.dockerignore applied)
-    into ``root``; the directory its `pip install` installs from."""
+    into ``root``, with ``build_args`` (none: a user's default build); the directory its
+    `pip install` installs from."""
     patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
                 if line.strip() and not line.strip().startswith("#")]
+    args: dict[str, str] = {}
     workdir = PurePosixPath("/")
     install_dir: PurePosixPath | None = None
-    for instr, args in INSTRUCTIONS:
-        if instr == "WORKDIR":
-            workdir = workdir / args
+    for instr, text in INSTRUCTIONS:
+        if instr == "ARG":
+            name, _, default = text.partition("=")
+            args[name] = (build_args or {}).get(name, default)
+        elif instr == "WORKDIR":
+            workdir = workdir / text
         elif instr == "COPY":
-            words = shlex.split(args)
+            words = shlex.split(text)
             assert not any(w.startswith("--from") for w in words), "single-stage COPY"
-            *sources, dest = [w for w in words if not w.startswith("--")]
+            *sources, dest = [_expand(w, args) for w in words if not w.startswith("--")]
             target = workdir / dest
             for source in sources:
                 src = REPO / source
@@ -445,13 +501,27 @@ def build_context_image(root: Path) -> Path:
                     out = out / src.name if into_dir else out
                     out.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(src, out)
-        elif instr == "RUN" and re.search(r"\bpip install\b", args):
-            spec = args.split("pip install", 1)[1].split("&&")[0].split()
-            paths = [w for w in spec if not w.startswith("-")]
-            assert len(paths) == 1, f"RUN pip install of one local directory: {args}"
-            install_dir = workdir / paths[0]
+        elif instr == "RUN" and re.search(r"\bpip install\b", text):
+            paths = set(_pip_install_targets(text))
+            assert len(paths) == 1, f"RUN pip install of one local directory: {text}"
+            install_dir = workdir / paths.pop()
     assert install_dir is not None, "the Dockerfile pip-installs the package"
     return root / str(install_dir).lstrip("/")
+
+
+def test_dockerfile_default_build_installs_from_the_index_and_wheels_only_when_asked() -> None:
+    """Users' builds are unchanged: without ROOMCAST_WHEELS, pip installs the package from
+    the index; with it, only from the wheels folder (no index), which .dockerignore keeps
+    in the build context."""
+    assert ("ARG", "ROOMCAST_WHEELS=") in INSTRUCTIONS
+    run = next(text for instr, text in INSTRUCTIONS if instr == "RUN" and "pip install" in text)
+    offline, default = run.split("else", 1)
+    assert '[ -n "$ROOMCAST_WHEELS" ]' in offline
+    assert "--no-index --find-links /tmp/wheels" in offline
+    assert re.search(r"pip install /tmp/roomcast;", default), default
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    assert not _ignored(".compose-wheels/x.whl", patterns)
 
 
 def test_dockerfile_build_context_has_what_the_package_needs(tmp_path: Path) -> None:
@@ -490,3 +560,24 @@ def test_dockerfile_build_context_packages_the_command_and_the_page(tmp_path: Pa
     entry_points = (meta / "roomcast.egg-info" / "entry_points.txt").read_text()
     assert re.search(r"^roomcast\s*=\s*roomcast\.node\.cli:main$", entry_points, re.M), (
         entry_points)
+
+
+def test_installed_package_serves_the_chat_page_from_any_directory(tmp_path: Path) -> None:
+    """The image runs roomcast from /home/roomcast, not from a checkout: the page is read
+    from the installed roomcast.node package (it once asked for a top-level ``node``
+    package, which only a checkout's working directory has: GET / failed with 500)."""
+    script = (
+        "import asyncio\n"
+        "from aiohttp.test_utils import TestClient, TestServer\n"
+        "from roomcast.node.app import create_app\n"
+        "async def main() -> None:\n"
+        "    async with TestClient(TestServer(create_app())) as client:\n"
+        "        resp = await client.get('/')\n"
+        "        assert resp.status == 200, resp.status\n"
+        "        assert 'roomcast chat' in await resp.text()\n"
+        "asyncio.run(main())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -64,27 +65,110 @@ async def scrape(url: str) -> tuple[str, dict[str, float]]:
     return node, samples
 
 
-async def test_healthz_and_readyz_follow_redis(redis_server: RedisServer) -> None:
-    """/healthz is 200 throughout; /readyz is 503 while Redis is down and 200 once back."""
+async def healthz(url: str) -> dict[str, Any]:
+    """The JSON details of /healthz (which must answer 200)."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/healthz") as resp:
+        assert resp.status == 200
+        details: dict[str, Any] = await resp.json()
+        return details
+
+
+async def broker_state_metric(url: str) -> dict[str, float]:
+    """roomcast_broker_state by state label, from one scrape."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    return {s.labels["state"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "roomcast_broker_state"}
+
+
+async def test_readyz_stays_ready_while_redis_is_down_and_healthz_reports_it(
+    redis_server: RedisServer,
+) -> None:
+    """Redis killed: /readyz stays 200 (the node still serves its local rooms, and an
+    outage must not mark every node down at once), a local room keeps working, and
+    /healthz (200 throughout) and the roomcast_broker_state metric report the broker
+    disconnected, then connected again after Redis is back, with the time of the change.
+    (Before issues 12/16, /readyz answered 503 during an outage; this test pinned that
+    and now pins the opposite.)"""
     with NodeProcess("--redis", redis_server.url) as node:
-        assert await status(node.url + "/healthz") == 200
         assert await status(node.url + "/readyz") == 200
+        first = await healthz(node.url)
+        assert first["ready"] is True and first["broker"]["state"] == "connected"
+        assert first["node"] and first["broker"]["connected"] is True
 
         redis_server.kill()
 
-        async def not_ready() -> bool:
-            return await status(node.url + "/readyz") == 503
+        async def broker_down() -> bool:
+            return (await healthz(node.url))["broker"]["state"] == "disconnected"
 
-        await until(not_ready, 10, "/readyz 503 with Redis killed")
-        assert await status(node.url + "/healthz") == 200
+        await until(broker_down, 10, "/healthz reports the broker disconnected")
+        assert await broker_state_metric(node.url) == {
+            "connected": 0, "degraded": 0, "disconnected": 1}
+        down = await healthz(node.url)
+        assert down["broker"]["since"] > first["broker"]["since"]
+        assert await status(node.url + "/readyz") == 200
+        # a new client is served, and its local room works
+        async with websockets.connect(f"{node.ws_url}/chat?room=local&name=a") as a:
+            notice = json.loads(await asyncio.wait_for(a.recv(), 10))
+            assert notice["type"] == "join" and notice["members"] is None
+            await a.send("still here")
+            while (data := await asyncio.wait_for(a.recv(), 10)) != "still here":
+                assert json.loads(data)["type"] == "error", data  # not delivered elsewhere
 
         redis_server.start()
 
-        async def ready() -> bool:
-            return await status(node.url + "/readyz") == 200
+        async def broker_back() -> bool:
+            return (await healthz(node.url))["broker"]["state"] == "connected"
 
-        await until(ready, 15, "/readyz 200 after Redis restarted")
+        await until(broker_back, 15, "/healthz reports the broker connected again")
+        assert await status(node.url + "/readyz") == 200
+        assert (await broker_state_metric(node.url))["connected"] == 1
         assert node.proc is not None and node.proc.poll() is None
+
+
+async def test_sigterm_fails_readiness_first_then_closes_clients_after_the_notice(
+    redis_server: RedisServer,
+) -> None:
+    """--drain-notice-seconds: on SIGTERM /readyz answers 503 at once while clients stay
+    connected and served; only after the notice do they get 1001; the exit is 0. A
+    second SIGTERM skips what is left of the notice."""
+    notice = 30.0
+    node = NodeProcess("--redis", redis_server.url, "--drain-notice-seconds", str(notice))
+    with node:
+        async with websockets.connect(f"{node.ws_url}/chat?room=d&name=a") as ws:
+            await asyncio.wait_for(ws.recv(), 5)  # its join notice
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGTERM)
+
+            async def not_ready() -> bool:
+                return await status(node.url + "/readyz") == 503
+
+            await until(not_ready, 5, "/readyz 503 right after SIGTERM")
+            details = await healthz(node.url)
+            assert details["ready"] is False and details["readiness"] == "draining"
+            assert details["draining_since"] is not None
+            await ws.send("during the notice")  # still served
+            assert await asyncio.wait_for(ws.recv(), 5) == "during the notice"
+
+            node.proc.send_signal(signal.SIGTERM)  # do not wait out the 30 s
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                while True:
+                    await asyncio.wait_for(ws.recv(), notice / 2)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        code = await asyncio.to_thread(node.proc.wait, 15)
+        assert code == 0, node.log()
+
+
+async def test_sigterm_without_notice_drains_at_once(redis_server: RedisServer) -> None:
+    """The default notice is 0: SIGTERM closes clients with 1001 without waiting."""
+    with NodeProcess("--redis", redis_server.url) as node:
+        async with websockets.connect(f"{node.ws_url}/echo") as ws:
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        assert await asyncio.to_thread(node.proc.wait, 15) == 0
 
 
 async def test_sigterm_closes_1001_withdraws_presence_and_exits_0(
