@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from roomcast.node.events import Message, MessageType
 from roomcast.shared.errors import ProtocolError
@@ -70,9 +70,9 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # take_over calls this when it hands the socket over (asyncio itself calls it
-        # only for sockets it accepted).
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # only for sockets it accepted). Not every stream transport subclasses
+        # asyncio.Transport (uvloop's do not); take_over checked the methods used.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
