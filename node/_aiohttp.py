@@ -216,6 +216,8 @@ def take_over(request: web.Request, protocol: asyncio.BaseProtocol) -> tuple[asy
             f"or uvloop's)"
         )
     tail = _Tail()
+    # Hands over what aiohttp buffered after the request, and resumes reading if
+    # aiohttp paused the socket because that buffer filled up.
     handler.set_parser(cast(Any, tail))
     transport.set_protocol(protocol)
     protocol.connection_made(transport)
@@ -224,7 +226,7 @@ def take_over(request: web.Request, protocol: asyncio.BaseProtocol) -> tuple[asy
     manager = handler._manager
     if manager is not None:
         manager.connection_lost(handler, None)
-    if not transport.is_reading():
+    if not transport.is_reading():  # paused for any other reason: the hub reads now
         transport.resume_reading()
     data = bytes(tail.data)
     tail.data.clear()
