@@ -8,20 +8,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import pytest
-import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.loops import LOOPS, LoopFactory
+
 Serve = Callable[[web.Application], Awaitable[str]]
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 TESTS = Path(__file__).resolve().parent
-LOOPS: Mapping[str, LoopFactory] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
-"""The event loops a node must work on, by the name ``roomcast serve --loop`` takes."""
-BOTH_LOOPS = frozenset({"node", "e2e"})
+PACKAGES_ON_EVERY_LOOP = frozenset({"node", "e2e"})
 """Test packages whose async tests run once per loop in ``LOOPS`` (the node's socket
 path is what they exercise); the others run on asyncio's loop only."""
 
@@ -31,7 +26,7 @@ def pytest_asyncio_loop_factories(
 ) -> Mapping[str, LoopFactory]:
     """Async tests under tests/node and tests/e2e run on each loop, with its name as id."""
     package = item.path.relative_to(TESTS).parts[0]
-    return LOOPS if package in BOTH_LOOPS else {"asyncio": asyncio.new_event_loop}
+    return LOOPS if package in PACKAGES_ON_EVERY_LOOP else {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture

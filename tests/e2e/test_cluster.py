@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -234,6 +235,7 @@ async def test_two_workers_share_one_port_and_a_room(redis_server: RedisServer) 
             for client in members:
                 assert await client.recv_chat() == "across workers"
         assert await asyncio.to_thread(node.terminate) == 0, node.log()
+        assert len(re.findall(f"event loop: {node.loop or ''}", node.log())) == 2, node.log()
 
 
 def test_workers_die_with_a_killed_supervisor(redis_server: RedisServer) -> None:
