@@ -33,7 +33,8 @@ from tests.e2e.procs import REPO
 from tests.rawws import RawClient
 
 MASK = b"\x0f\x1e\x2d\x3c"
-BROKEN = f"aiohttp {aiohttp.__version__} broke the socket takeover (node/_aiohttp.py): "
+BROKEN = f"on aiohttp {aiohttp.__version__}: "
+TAKEOVER = " (node/_aiohttp.py, take_over)"
 
 
 def _echo_app(**config: Any) -> web.Application:
@@ -165,16 +166,18 @@ async def test_takeover_round_trip(runner: web.AppRunner) -> None:
     early = build_frame(Opcode.TEXT, b"with the handshake", mask_key=MASK)
     client = await RawClient.connect("127.0.0.1", _port(runner), "/echo", early=early)
     try:
-        assert client.status == 101, BROKEN + f"the upgrade got {client.status}"
+        assert client.status == 101, BROKEN + (
+            f"the upgrade got {client.status}, not 101 (the log has the server's traceback)")
         client.send(build_frame(Opcode.TEXT, b"after the 101", mask_key=MASK))
         for expected in (b"with the handshake", b"after the 101"):
             frame = await client.recv_frame()
             assert frame is not None, BROKEN + "the socket closed instead of echoing"
-            assert frame.payload == expected, BROKEN + "bytes sent with the handshake were lost"
+            assert frame.payload == expected, (
+                BROKEN + "bytes sent with the handshake were lost" + TAKEOVER)
         server = runner.server
         assert server is not None
         await _until(lambda: not server.connections, 5,
-                     "aiohttp's server still holds the connection's RequestHandler")
+                     "aiohttp's server still holds the connection's RequestHandler" + TAKEOVER)
         client.send(build_frame(Opcode.TEXT, b"still served", mask_key=MASK))
         frame = await client.recv_frame()
         assert frame is not None and frame.payload == b"still served"
@@ -197,7 +200,7 @@ async def test_a_socket_aiohttp_paused_is_read_again_after_the_takeover(
         transport = request.transport
         assert transport is not None
         await _until(lambda: not transport.is_reading(), 10,
-                     "aiohttp no longer pauses a socket whose buffer is full")
+                     "aiohttp no longer pauses a socket whose buffer is full (update the test)")
         return await hub.upgrade(request, EventHandler(on_message=echo))
 
     app = web.Application()
@@ -210,8 +213,9 @@ async def test_a_socket_aiohttp_paused_is_read_again_after_the_takeover(
     try:
         assert client.status == 101
         frame = await client.recv_frame(timeout=20)
-        assert frame is not None, BROKEN + "the socket closed instead of echoing"
-        assert frame.payload == payload, BROKEN + "the bytes sent after the request changed"
+        assert frame is not None, BROKEN + "the paused socket was not read again" + TAKEOVER
+        assert frame.payload == payload, (
+            BROKEN + "the bytes sent after the request changed" + TAKEOVER)
     finally:
         await client.close()
 
