@@ -15,7 +15,8 @@ module leans on these parts of it:
 - ``RequestHandler._manager.connection_lost(handler)``: drops the handler from its
   server's connection registry, as if the client had gone.
 - ``aiohttp._websocket.helpers.websocket_mask``: the compiled XOR that unmasks client
-  frames, about 25 times faster than pure Python on a 16 KB payload; handed to
+  frames (a 16 KB payload in 0.3 µs instead of 22 in pure Python; a 16 KB message is
+  read 14 times faster); handed to
   ``shared.frames`` (which imports no aiohttp). Without aiohttp's C extensions it is
   not compiled: the node then says so in a warning and unmasks in pure Python.
 - ``aiohttp.web_urldispatcher._default_expect_handler``: aiohttp's answer to
@@ -25,7 +26,7 @@ Nothing outside this module touches a private name or attribute of aiohttp. On i
 it checks that each of the above exists with the shape used here and raises
 ``AiohttpMismatchError`` naming the installed aiohttp, the releases this was tested on
 and what is missing, rather than failing on the first connection (or silently: losing
-the bytes sent with the handshake, or unmasking 25 times slower).
+the bytes sent with the handshake, or reading large messages 14 times slower).
 tests/node/test_aiohttp_seam.py, tests/node/test_raw_protocol.py and
 tests/e2e/test_hostile.py pin the behaviour on whatever aiohttp is installed.
 """
@@ -156,8 +157,8 @@ if COMPILED_MASK:
 else:
     log.warning(
         "aiohttp %s runs without its C extensions (AIOHTTP_NO_EXTENSIONS, or no wheel "
-        "for this platform): client frames are unmasked in pure Python, about 25 times "
-        "slower for large messages. Install aiohttp from a wheel, or unset "
+        "for this platform): client frames are unmasked in pure Python, which makes reading "
+        "a 16 KB message about 14 times slower. Install aiohttp from a wheel, or unset "
         "AIOHTTP_NO_EXTENSIONS.", aiohttp.__version__,
     )
 

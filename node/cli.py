@@ -123,7 +123,7 @@ async def _log_loop(app: web.Application) -> None:
     log.info("event loop: %s", describe_loop(asyncio.get_running_loop()))
     if not COMPILED_MASK:
         log.warning("aiohttp runs without its C extensions: client frames are unmasked in "
-                    "pure Python, about 25 times slower for large messages")
+                    "pure Python (a 16 KB message is read about 14 times slower)")
 
 
 def _bool(text: str) -> bool:

@@ -3,10 +3,10 @@
 The supervisor starts each worker as ``roomcast serve ... --workers 1 --reuse-port
 --loop LOOP``, so every worker is a full node with its own node id, on the event loop
 the supervisor resolved (``--loop auto`` is decided once, here); the kernel spreads new
-connections across them. Workers die with the supervisor (Linux PR_SET_PDEATHSIG), even when it
-is killed with SIGKILL. A worker that exits unexpectedly is replaced (with a short backoff if it
-keeps crashing). SIGTERM or SIGINT is passed on to every worker, which drains its
-clients (close 1001) and exits; the supervisor exits 0 once all have.
+connections across them. Workers die with the supervisor (Linux PR_SET_PDEATHSIG), even
+when it is killed with SIGKILL. A worker that exits unexpectedly is replaced (with a
+short backoff if it keeps crashing). SIGTERM or SIGINT is passed on to every worker,
+which drains its clients (close 1001) and exits; the supervisor exits 0 once all have.
 
 Metrics: the supervisor creates a private directory and passes it to every worker as
 ``PROMETHEUS_MULTIPROC_DIR``, so ``/metrics`` on any worker reports the totals of all

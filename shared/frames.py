@@ -528,8 +528,8 @@ def set_unmask(unmask: Unmask) -> Unmask:
     """Unmask client frames with ``unmask`` from now on; return the one it replaces.
 
     This module does no I/O and imports no aiohttp; the node hands it aiohttp's
-    compiled XOR (roomcast.node._aiohttp), about 25x faster on a 16 KB payload than the
-    pure-Python one used until then. ValueError if ``unmask`` gets a sample wrong.
+    compiled XOR (roomcast.node._aiohttp): a 16 KB message is read about 14 times faster
+    than with the pure-Python one used until then. ValueError if ``unmask`` gets a sample wrong.
     """
     global _mask_in_place
     key, sample = b"\x01\x02\x04\x08", bytes(range(1, 12))

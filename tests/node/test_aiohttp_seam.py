@@ -122,7 +122,7 @@ def test_a_handler_without_its_manager_slot_or_a_wrong_mask_is_refused(
 @pytest.mark.skipif(bool(os.environ.get("AIOHTTP_NO_EXTENSIONS")),
                     reason="aiohttp's C extensions are turned off")
 def test_client_frames_are_unmasked_by_aiohttps_compiled_xor() -> None:
-    """Importing the node hands shared.frames aiohttp's compiled XOR (25x the pure one)."""
+    """Importing the node hands shared.frames aiohttp's compiled XOR (not the pure one)."""
     from aiohttp._websocket.helpers import websocket_mask
 
     assert seam.COMPILED_MASK, "aiohttp's websocket_mask is not compiled"
