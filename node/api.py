@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 from aiohttp import hdrs, web
-from aiohttp.web_urldispatcher import _default_expect_handler
 
+from roomcast.node._aiohttp import default_expect_handler
 from roomcast.node.hub import Data, Hub
 from roomcast.shared.errors import BrokerError
 from roomcast.shared.ids import Room, node_of, validate_room
@@ -99,7 +99,7 @@ class _Api:
         except _Refusal as refusal:
             refusal.close = True  # the body will not come; do not wait for it
             return refusal.response()
-        await _default_expect_handler(request)
+        await default_expect_handler(request)
         return None
 
     async def post_room(self, request: web.Request) -> web.StreamResponse:

@@ -7,15 +7,18 @@ the process at start-up with a message naming the setting.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
 from roomcast.broker import create_broker
+from roomcast.node._aiohttp import COMPILED_MASK
 from roomcast.node.app import NodeOptions, create_app, install_drain
 from roomcast.node.hub import HUB
 from roomcast.node.logs import configure_logging, set_node_id
@@ -31,6 +34,11 @@ from roomcast.shared.errors import BrokerError
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+LOOPS: Final = ("auto", "asyncio", "uvloop")
+"""What ``--loop`` takes; ``auto`` is uvloop when it is installed, else asyncio."""
+
+log = logging.getLogger("roomcast.node")
 
 
 def _positive(text: str) -> int:
@@ -72,6 +80,57 @@ def _log_format(text: str) -> str:
     if value not in ("text", "json"):
         raise ValueError("must be text or json")
     return value
+
+
+def _uvloop_installed() -> bool:
+    try:
+        importlib.import_module("uvloop")
+    except ImportError:
+        return False
+    return True
+
+
+def _loop(text: str) -> str:
+    value = text.strip().lower()
+    if value not in LOOPS:
+        raise ValueError(f"must be {', '.join(LOOPS[:-1])} or {LOOPS[-1]}")
+    if value == "uvloop" and not _uvloop_installed():
+        raise ValueError(
+            "uvloop is not installed: pip install 'roomcast[uvloop]', or pass --loop asyncio"
+        )
+    return value
+
+
+def resolve_loop(choice: str) -> str:
+    """The event loop ``--loop choice`` runs on: asyncio or uvloop (auto picks uvloop
+    when it is installed)."""
+    if choice == "auto":
+        return "uvloop" if _uvloop_installed() else "asyncio"
+    return choice
+
+
+def new_event_loop(name: str) -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind ``resolve_loop`` named."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def describe_loop(loop: asyncio.AbstractEventLoop) -> str:
+    """``uvloop 0.23.0`` or ``asyncio (_UnixSelectorEventLoop)``: what runs, for the log."""
+    module = type(loop).__module__.partition(".")[0]
+    if module == "uvloop":
+        return f"uvloop {sys.modules['uvloop'].__version__}"
+    return f"asyncio ({type(loop).__name__})"
+
+
+async def _log_loop(app: web.Application) -> None:
+    log.info("event loop: %s", describe_loop(asyncio.get_running_loop()))
+    if not COMPILED_MASK:
+        log.warning("aiohttp runs without its C extensions: client frames are unmasked in "
+                    "pure Python (a 16 KB message is read about 14 times slower)")
 
 
 def _bool(text: str) -> bool:
@@ -123,6 +182,9 @@ _SERVE_OPTIONS = [
             "node processes sharing the port (SO_REUSEPORT); above 1 needs --redis"),
     _Option("--reuse-port", "ROOMCAST_REUSE_PORT", _bool, False,
             "share the port with other processes (SO_REUSEPORT)", nargs="?", const="true"),
+    _Option("--loop", "ROOMCAST_LOOP", _loop, "auto",
+            "event loop: asyncio, uvloop, or auto (uvloop when installed); workers use "
+            "the same"),
     _Option("--drain-seconds", "ROOMCAST_DRAIN_SECONDS", _positive_float, 10.0,
             "on SIGTERM, how long clients get to receive their 1001 close"),
     _Option("--drain-notice-seconds", "ROOMCAST_DRAIN_NOTICE_SECONDS", _non_negative_float,
@@ -220,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key=values["api_key"], drain_seconds=values["drain_seconds"],
         metrics=values["metrics"], drain_notice=values["drain_notice_seconds"],
     )
+    loop = resolve_loop(values["loop"])
     if args.check:
         print("configuration ok", file=sys.stderr)
         return 0
@@ -230,13 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv_list = list(sys.argv[1:] if argv is None else argv)
         # Workers get the notice and drain time plus a margin before they are killed.
         grace = values["drain_notice_seconds"] + values["drain_seconds"] + 5
-        return Supervisor(argv_list, values["workers"], grace).run()
+        return Supervisor(argv_list, values["workers"], grace, loop=loop).run()
     app = create_app(config, broker=broker, options=options)
     install_drain(app)
     set_node_id(app[HUB].node_id)  # the Hub made the id: from now on every log line has it
+    app.on_startup.append(_log_loop)
     try:
         web.run_app(app, host=values["host"], port=values["port"], print=_ready_line,
-                    reuse_port=values["reuse_port"] or None)
+                    reuse_port=values["reuse_port"] or None, loop=new_event_loop(loop))
     except BrokerError as exc:
         # Fail fast on a broker that cannot be reached at start-up (wrong URL, password,
         # Redis not up yet): the supervisor or orchestrator restarts us.

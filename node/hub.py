@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.http_websocket import ws_ext_gen, ws_ext_parse
 
 from roomcast.broker import Broker, MemoryBroker
-from roomcast.node._takeover import Upgraded, take_over
+from roomcast.node._aiohttp import Upgraded, take_over
 from roomcast.node.asyncio_protocol import Owner, WebSocketProtocol
 from roomcast.node.connection import Connection
 from roomcast.node.core import (

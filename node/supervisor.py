@@ -1,11 +1,12 @@
 """``roomcast serve --workers N``: N node processes sharing one port with SO_REUSEPORT.
 
-The supervisor starts each worker as ``roomcast serve ... --workers 1 --reuse-port``,
-so every worker is a full node with its own node id; the kernel spreads new connections
-across them. Workers die with the supervisor (Linux PR_SET_PDEATHSIG), even when it
-is killed with SIGKILL. A worker that exits unexpectedly is replaced (with a short backoff if it
-keeps crashing). SIGTERM or SIGINT is passed on to every worker, which drains its
-clients (close 1001) and exits; the supervisor exits 0 once all have.
+The supervisor starts each worker as ``roomcast serve ... --workers 1 --reuse-port
+--loop LOOP``, so every worker is a full node with its own node id, on the event loop
+the supervisor resolved (``--loop auto`` is decided once, here); the kernel spreads new
+connections across them. Workers die with the supervisor (Linux PR_SET_PDEATHSIG), even
+when it is killed with SIGKILL. A worker that exits unexpectedly is replaced (with a
+short backoff if it keeps crashing). SIGTERM or SIGINT is passed on to every worker,
+which drains its clients (close 1001) and exits; the supervisor exits 0 once all have.
 
 Metrics: the supervisor creates a private directory and passes it to every worker as
 ``PROMETHEUS_MULTIPROC_DIR``, so ``/metrics`` on any worker reports the totals of all
@@ -64,9 +65,13 @@ def _die_with_supervisor() -> None:
 class Supervisor:
     """Keeps ``count`` worker processes running until told to stop."""
 
-    def __init__(self, argv: Sequence[str], count: int, drain_seconds: float = 30.0) -> None:
+    def __init__(self, argv: Sequence[str], count: int, drain_seconds: float = 30.0,
+                 *, loop: str | None = None) -> None:
         self._worker_argv = [sys.executable, "-m", "roomcast.node.cli", *argv,
                              "--workers", "1", "--reuse-port"]
+        if loop is not None:
+            self._worker_argv += ["--loop", loop]  # the last --loop wins
+        self._loop = loop
         self._count = count
         self._drain_seconds = drain_seconds
         self._workers: dict[int, subprocess.Popen[bytes]] = {}
@@ -93,6 +98,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         self._metrics_dir = tempfile.mkdtemp(prefix="roomcast-metrics-")
         log.info("workers share metrics through %s", self._metrics_dir)
+        if self._loop is not None:
+            log.info("workers run on the %s event loop", self._loop)
         try:
             return self._run()
         finally:

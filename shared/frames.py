@@ -3,6 +3,8 @@
 No I/O here. ``build_frame`` and ``parse_frame`` are the seed's ``Frame`` helpers;
 ``PreparedMessage`` is what a broadcast hands to every member: the frame bytes built
 once (and, for members that negotiated permessage-deflate, compressed once).
+``MessageReader`` unmasks client payloads in pure Python until the node hands it a
+compiled XOR (``set_unmask``); this module imports no aiohttp.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from roomcast.shared.errors import ProtocolError
-from roomcast.shared.protocol import CloseCode, Opcode, is_sendable_close_code
+from roomcast.shared.rfc6455 import CloseCode, Opcode, is_sendable_close_code
 
 MAX_CONTROL_PAYLOAD: Final = 125
 DEFLATE_TRAILER: Final = b"\x00\x00\xff\xff"
@@ -516,11 +518,28 @@ def _unmask_python(key: bytes, data: bytearray) -> None:
     )
 
 
-_mask_in_place: Callable[[bytes, bytearray], None]
-try:  # aiohttp's compiled masking: about 25x faster on a 16 KB payload
-    from aiohttp._websocket.helpers import websocket_mask as _mask_in_place
-except ImportError:  # pragma: no cover - aiohttp moved it; the pure version serves
-    _mask_in_place = _unmask_python
+Unmask = Callable[[bytes, bytearray], None]
+"""XORs a payload in place with a 4-byte key: unmasks (or masks) a client frame."""
+
+_mask_in_place: Unmask = _unmask_python
+
+
+def set_unmask(unmask: Unmask) -> Unmask:
+    """Unmask client frames with ``unmask`` from now on; return the one it replaces.
+
+    This module does no I/O and imports no aiohttp; the node hands it aiohttp's
+    compiled XOR (roomcast.node._aiohttp): a 16 KB message is read about 14 times faster
+    than with the pure-Python one used until then. ValueError if ``unmask`` gets a sample wrong.
+    """
+    global _mask_in_place
+    key, sample = b"\x01\x02\x04\x08", bytes(range(1, 12))
+    expected, got = bytearray(sample), bytearray(sample)
+    _unmask_python(key, expected)
+    unmask(key, got)
+    if got != expected:
+        raise ValueError(f"{unmask!r} does not unmask a WebSocket payload correctly")
+    previous, _mask_in_place = _mask_in_place, unmask
+    return previous
 
 
 def _unmask(buf: bytes | bytearray, start: int, end: int) -> bytes:

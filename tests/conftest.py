@@ -1,14 +1,32 @@
-"""Fixtures shared by every test package: a node served on a real loopback socket."""
+"""Fixtures shared by every test package: a node served on a real loopback socket, and
+the event loops the in-process tests run on."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.loops import LOOPS, LoopFactory
+
 Serve = Callable[[web.Application], Awaitable[str]]
+
+TESTS = Path(__file__).resolve().parent
+PACKAGES_ON_EVERY_LOOP = frozenset({"node", "e2e"})
+"""Test packages whose async tests run once per loop in ``LOOPS`` (the node's socket
+path is what they exercise); the others run on asyncio's loop only."""
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, LoopFactory]:
+    """Async tests under tests/node and tests/e2e run on each loop, with its name as id."""
+    package = item.path.relative_to(TESTS).parts[0]
+    return LOOPS if package in PACKAGES_ON_EVERY_LOOP else {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture

@@ -15,7 +15,11 @@ from tests.redis_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
-__all__ = ["REPO", "NodeProcess", "free_port", "wait_for_port"]
+__all__ = ["REPO", "NodePool", "NodeProcess", "free_port", "wait_for_port"]
+
+test_loop: str | None = None
+"""``--loop`` for nodes the running test starts without naming one: the event loop the
+test itself runs on (set by tests/e2e/conftest.py), None for roomcast's default."""
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
@@ -33,11 +37,14 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: floa
 
 
 class NodeProcess:
-    """``roomcast serve`` in a child process on a free port."""
+    """``roomcast serve`` in a child process on a free port, with ``--loop loop`` (by
+    default the loop of the test that starts it: ``test_loop``)."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 loop: str | None = None) -> None:
         self.port = free_port()
-        self.args = list(args)
+        self.loop = loop if loop is not None else test_loop
+        self.args = list(args) if self.loop is None else ["--loop", self.loop, *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         fd, self._log_path = tempfile.mkstemp(prefix="roomcast-node-", suffix=".log")
@@ -92,3 +99,24 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+class NodePool:
+    """Node processes shared by the tests of one module: one per loop and arguments,
+    started when a test first asks for it, all stopped by ``close``."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[tuple[str | None, tuple[str, ...]], NodeProcess] = {}
+
+    def get(self, *args: str) -> NodeProcess:
+        """The running node with ``args`` on the current test's loop (``test_loop``)."""
+        key = (test_loop, args)
+        node = self._nodes.get(key)
+        if node is None or node.proc is None or node.proc.poll() is not None:
+            node = self._nodes[key] = NodeProcess(*args).start()
+        return node
+
+    def close(self) -> None:
+        for node in self._nodes.values():
+            node.kill()
+        self._nodes.clear()

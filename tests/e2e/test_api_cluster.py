@@ -13,7 +13,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.e2e.procs import NodeProcess
+from tests.loops import ONE_LOOP
 from tests.redis_server import RedisServer
+
+pytestmark = ONE_LOOP  # the HTTP API is its subject, not the WebSocket path
 
 KEY: Final = "e2e-api-key"
 AUTH: Final = {"Authorization": f"Bearer {KEY}"}

@@ -25,7 +25,10 @@ from playwright.async_api import BrowserContext, Dialog, Page, Playwright, async
 
 from tests.e2e.haproxy import HAProxy
 from tests.e2e.procs import NodeProcess
+from tests.loops import ONE_LOOP
 from tests.redis_server import RedisServer
+
+pytestmark = ONE_LOOP  # a real browser through haproxy; one loop keeps it short
 
 CHROMIUM: Final = "/usr/bin/chromium"
 CHROMIUM_ARGS: Final = [

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -56,6 +57,8 @@ async def test_flags_and_environment_configure_the_node() -> None:
         (["--compression", "maybe"], {}, "--compression"),
         (["--allowed-origin", "example.com"], {}, "allowed origin"),
         (["--redis", "http://x"], {}, "broker URL"),
+        (["--loop", "trio"], {}, "--loop"),
+        ([], {"ROOMCAST_LOOP": "tokio"}, "ROOMCAST_LOOP"),
     ],
 )
 def test_invalid_settings_stop_startup_naming_the_setting(
@@ -103,3 +106,47 @@ def test_empty_api_key_is_refused() -> None:
     )
     assert result.returncode == 2
     assert "ROOMCAST_API_KEY" in result.stderr
+
+
+@pytest.fixture
+def without_uvloop(tmp_path: Path) -> dict[str, str]:
+    """An environment in which ``import uvloop`` fails, as where it is not installed."""
+    package = tmp_path / "uvloop"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "raise ImportError('uvloop is hidden by the test', name='uvloop')\n")
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path}
+
+
+async def test_nodes_run_on_the_loop_they_are_given(node_loop: str) -> None:
+    """--loop asyncio and --loop uvloop: the node says at start which loop runs, and serves."""
+    with NodeProcess() as node:
+        assert node.loop == node_loop
+        assert f"event loop: {node_loop}" in node.log()
+        async with websockets.connect(node.ws_url + "/echo") as ws:
+            await ws.send("on " + node_loop)
+            assert await ws.recv() == "on " + node_loop
+
+
+def test_loop_uvloop_without_uvloop_says_what_to_install(without_uvloop: dict[str, str]) -> None:
+    """--loop uvloop where uvloop cannot be imported exits 2 naming the extra to install."""
+    for args, env in ((["--loop", "uvloop"], {}), ([], {"ROOMCAST_LOOP": "uvloop"})):
+        result = subprocess.run(
+            [sys.executable, "-m", "roomcast.node.cli", "serve", "--check", *args], cwd=REPO,
+            env={**os.environ, **without_uvloop, **env}, capture_output=True, text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "pip install 'roomcast[uvloop]'" in result.stderr
+        assert ("--loop" if args else "ROOMCAST_LOOP") in result.stderr
+
+
+def test_auto_loop_is_uvloop_when_installed_else_asyncio(
+    without_uvloop: dict[str, str],
+) -> None:
+    """The default (--loop auto) runs on uvloop where it is installed, else on asyncio."""
+    with NodeProcess(loop="auto") as node:
+        assert "event loop: uvloop" in node.log(), node.log()
+    with NodeProcess(env=without_uvloop) as node:
+        assert "event loop: asyncio" in node.log(), node.log()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -216,16 +217,25 @@ def test_workers_without_redis_are_refused() -> None:
 async def test_two_workers_share_one_port_and_a_room(redis_server: RedisServer) -> None:
     """--workers 2: connections land on both workers, and a room spans them."""
     with NodeProcess("--workers", "2", *node_args(redis_server.url)) as node:
-        clients: list[Client] = []
+        kept: dict[str, Client] = {}  # the first member on each worker
         async with contextlib.AsyncExitStack() as stack:
             deadline = time.monotonic() + 20
-            while len({c.node for c in clients}) < 2:
+            while len(kept) < 2:
                 assert time.monotonic() < deadline, "all connections went to one worker"
-                clients.append(await stack.enter_async_context(chat(node)))
-            await clients[0].ws.send("across workers")
-            for client in clients:
+                # Until the second worker listens, every connection lands on the first:
+                # those leave at once (members that stayed, unread notices piling up,
+                # would each take websockets' close timeout to leave).
+                async with contextlib.AsyncExitStack() as probe:
+                    client = await probe.enter_async_context(chat(node))
+                    if client.node not in kept:
+                        kept[client.node] = client
+                        await stack.enter_async_context(probe.pop_all())
+            members = list(kept.values())
+            await members[0].ws.send("across workers")
+            for client in members:
                 assert await client.recv_chat() == "across workers"
-        assert node.terminate() == 0, node.log()
+        assert await asyncio.to_thread(node.terminate) == 0, node.log()
+        assert len(re.findall(f"event loop: {node.loop or ''}", node.log())) == 2, node.log()
 
 
 def test_workers_die_with_a_killed_supervisor(redis_server: RedisServer) -> None:

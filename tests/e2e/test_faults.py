@@ -33,6 +33,10 @@ from tests.e2e.soakkit import (
     steady,
     until,
 )
+from tests.loops import BOTH_LOOPS, ONE_LOOP
+
+# Redis faults are the subject of most tests here; those of the socket path run on both.
+pytestmark = ONE_LOOP
 
 TTL_MS = 1500
 HEARTBEAT_MS = 300
@@ -520,6 +524,7 @@ async def vanishing_client(how: str, ws_url: str) -> AsyncIterator[tuple[str, fl
 
 @pytest.mark.parametrize("how", ["raw", "sigstop"])
 @pytest.mark.timeout(60)
+@BOTH_LOOPS
 async def test_vanished_client_is_closed_by_the_pong_timeout(how: str) -> None:
     """A member that stops answering pings without closing (a socket nobody reads, or a
     SIGSTOPped client process) is closed with 1011 by the pong timeout: it leaves the
@@ -587,6 +592,7 @@ SEND_BUFFER_LIMIT = 256 * 1024
 
 
 @pytest.mark.timeout(60)
+@BOTH_LOOPS
 async def test_slow_consumer_is_cut_off_without_slowing_the_room() -> None:
     """A member that stops reading in a room busy with 8 KB messages (~800 KB/s) is cut
     off once more than --send-buffer-limit bytes wait for it: close code 1013 in the log

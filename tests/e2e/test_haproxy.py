@@ -25,6 +25,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from tests.e2e import procs
 from tests.e2e.haproxy import HAPROXY_CFG, HAProxy
 from tests.e2e.procs import REPO, NodeProcess, free_port
 from tests.redis_server import RedisServer
@@ -202,8 +203,11 @@ def run_cluster(*args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """scripts/cluster in a child process (output to a file); killed if the test fails."""
     fd, out_name = tempfile.mkstemp(prefix="roomcast-cluster-test-", suffix=".log")
     out_path = Path(out_name)
+    env = dict(os.environ)
+    if procs.test_loop is not None:  # its nodes run on the test's event loop
+        env["ROOMCAST_LOOP"] = procs.test_loop
     with os.fdopen(fd, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(CLUSTER), *args], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, str(CLUSTER), *args], cwd=REPO, env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     children: dict[int, str] = {}
     try:

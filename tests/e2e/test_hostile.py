@@ -37,7 +37,7 @@ from websockets.asyncio.client import ClientConnection
 from roomcast.node import EventHandler, Hub
 from roomcast.shared.frames import apply_mask, deflate_message, inflate_message, parse_close_payload
 from roomcast.shared.rfc6455 import Opcode
-from tests.e2e.procs import NodeProcess
+from tests.e2e.procs import NodePool, NodeProcess
 from tests.rawws import RawClient
 
 Serve = Callable[[web.Application], Awaitable[str]]
@@ -231,15 +231,23 @@ def _params(cases: Iterable[Case | Refusal]) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[NodeProcess]:
-    with NodeProcess("--max-message-size", str(LIMIT)) as proc:
-        yield proc
+def pool() -> Iterator[NodePool]:
+    """The node processes under attack, one per event loop, kept for the whole module."""
+    nodes = NodePool()
+    try:
+        yield nodes
+    finally:
+        nodes.close()
 
 
-@pytest.fixture(scope="module")
-def deflate_node() -> Iterator[NodeProcess]:
-    with NodeProcess("--max-message-size", str(LIMIT), "--compression", "on") as proc:
-        yield proc
+@pytest.fixture
+def node(pool: NodePool) -> NodeProcess:
+    return pool.get("--max-message-size", str(LIMIT))
+
+
+@pytest.fixture
+def deflate_node(pool: NodePool) -> NodeProcess:
+    return pool.get("--max-message-size", str(LIMIT), "--compression", "on")
 
 
 _ids = itertools.count()

@@ -22,7 +22,10 @@ from roomcast.shared.ids import ConnectionId, NodeId, Room
 from tests.broker.helpers import Inbox, envelope, eventually
 from tests.e2e.procs import NodeProcess
 from tests.e2e.test_cluster import chat
+from tests.loops import ONE_LOOP
 from tests.redis_cluster import LocalRedisCluster
+
+pytestmark = ONE_LOOP  # Redis Cluster failover is its subject, not the socket path
 
 PREFIX = "fo"
 FAST = {"heartbeat_interval": 0.2, "presence_ttl": 1.0, "reconnect_max_delay": 0.5}

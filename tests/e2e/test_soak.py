@@ -25,6 +25,7 @@ from tests.e2e.soakkit import (
     encode_msg,
     order_problems,
 )
+from tests.loops import ONE_LOOP
 
 SOAK = REPO / "scripts" / "soak"
 
@@ -50,6 +51,7 @@ async def run_soak(*args: str, timeout: float) -> tuple[int, str]:
 
 
 @pytest.mark.timeout(90)
+@ONE_LOOP  # a soak of the default loop keeps the suite short
 async def test_short_soak_with_haproxy_and_a_redis_restart(tmp_path: Path) -> None:
     """20 s of mixed traffic through haproxy with Redis killed and restarted midway:
     the soak passes every check and exits 0, having really exercised every kind of
@@ -84,6 +86,7 @@ async def test_short_soak_with_haproxy_and_a_redis_restart(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(60)
+@ONE_LOOP  # a soak of the default loop keeps the suite short
 async def test_soak_exits_1_when_a_check_fails(tmp_path: Path) -> None:
     """A bound that cannot hold (at most 1 Redis connection per node: the pub/sub link
     alone is one) makes the soak report FAIL for it and exit 1, after stopping what it
@@ -100,6 +103,7 @@ async def test_soak_exits_1_when_a_check_fails(tmp_path: Path) -> None:
     assert failed == {f"node {i}: Redis connections within bound" for i in (1, 2, 3)}
 
 
+@ONE_LOOP  # a soak of the default loop keeps the suite short
 async def test_soak_refuses_bad_arguments() -> None:
     """Usage errors exit 2 with a message, before anything is started."""
     code, out = await run_soak("--duration", "3", timeout=30)

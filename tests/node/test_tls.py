@@ -60,6 +60,8 @@ async def tls_url(certificate: tuple[Path, Path]) -> AsyncIterator[str]:
 async def test_messages_cross_a_tls_connection_both_ways(
     tls_url: str, certificate: tuple[Path, Path]
 ) -> None:
+    """Text (one over 64 KB) and binary cross a TLS socket the hub took over, both ways,
+    on asyncio's TLS transport and on uvloop's."""
     client_context = ssl.create_default_context(cafile=str(certificate[0]))
     async with asyncio.timeout(20), aiohttp.ClientSession() as http, http.ws_connect(
         tls_url, ssl=client_context

@@ -42,22 +42,3 @@ def test_sendable_codes_match_websockets() -> None:
         else:
             expected = True
         assert is_sendable_close_code(code) is expected, code
-
-
-def test_the_old_module_name_still_imports_the_same_objects() -> None:
-    """roomcast.shared.protocol (the name before the rename) is an alias of rfc6455."""
-    import roomcast.shared.protocol as old
-    import roomcast.shared.rfc6455 as new
-
-    for name in ("WS_GUID", "WS_VERSION", "CloseCode", "Opcode", "is_sendable_close_code"):
-        assert getattr(old, name) is getattr(new, name), name
-
-
-def test_one_data_type_for_every_send() -> None:
-    """roomcast.shared.Data is the one message-data type; the hub's is the same object."""
-    from roomcast.node import hub
-    from roomcast.shared import Data
-    from roomcast.shared.rfc6455 import Data as defined
-
-    assert Data is defined is hub.Data
-    assert set(Data.__args__) == {str, bytes, bytearray, memoryview}
