@@ -49,8 +49,10 @@ from tests.e2e.compose.engine import (
     Unavailable,
 )
 from tests.e2e.procs import free_port
+from tests.loops import ONE_LOOP
 
-pytestmark = pytest.mark.timeout(900)
+# The containers run the image's own loop; the test's client loop is not the subject.
+pytestmark = [pytest.mark.timeout(900), ONE_LOOP]
 
 NODES = ("node1", "node2", "node3")
 REPORT: dict[str, Any] = {}
