@@ -269,7 +269,7 @@ class ClusterTransport:
         self._closed = True
         await self._refresher.close()
         await self._subscriber.close()
-        await self._pipeliner.close(2 * self._timeout)
+        await self._pipeliner.close(self._timeout)
         with contextlib.suppress(*REDIS_ERRORS):
             async with asyncio.timeout(2 * self._timeout):
                 await self._client.aclose()

@@ -294,7 +294,7 @@ class SingleTransport:
         await stop_tasks([self._reader], self._timeout)
         await self._drop_link(self._conn)
         await self._publish_link.close()
-        await self._pipeliner.close(2 * self._timeout)
+        await self._pipeliner.close(self._timeout)
         with contextlib.suppress(*REDIS_ERRORS):
             async with asyncio.timeout(self._timeout):
                 await self._client.aclose()

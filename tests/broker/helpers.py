@@ -25,6 +25,11 @@ from tests.redis_server import RedisServer
 DEFAULT_TIMEOUT = 10.0
 FAST = {"heartbeat_interval": 0.1, "presence_ttl": 0.5, "reconnect_max_delay": 0.5}
 """Broker timing for tests: failures are noticed and repaired within a second."""
+CLOSE_TIMING = {"socket_timeout": 0.5, "health_check_interval": 0.2}
+CLOSE_BOUND = 10.0
+"""Seconds within which close() must return with CLOSE_TIMING: each of its steps gives
+up after the socket timeout or twice it, whatever Redis does (about 2 s in practice);
+what this catches is a close that does not return."""
 
 _prefixes = itertools.count()
 

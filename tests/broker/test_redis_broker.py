@@ -27,7 +27,15 @@ from roomcast.broker.redis import RedisBroker
 from roomcast.shared.envelope import Envelope, Kind
 from roomcast.shared.errors import BrokerError, PublishError
 from roomcast.shared.ids import ConnectionId, NodeId, Room
-from tests.broker.helpers import Backend, Inbox, envelope, eventually, sync_with
+from tests.broker.helpers import (
+    CLOSE_BOUND,
+    CLOSE_TIMING,
+    Backend,
+    Inbox,
+    envelope,
+    eventually,
+    sync_with,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 R = Room("lobby")
@@ -546,13 +554,6 @@ async def test_frozen_redis_is_detected_and_survived(own_backend: Backend) -> No
 
 
 # -- closing is bounded whatever Redis does (issue 11) --------------------------------
-
-CLOSE_TIMING = {"socket_timeout": 0.5, "health_check_interval": 0.2}
-CLOSE_BOUND = 10.0
-"""Seconds within which close() must return: each of its steps gives up after the
-socket timeout (0.5 s here) or twice it, whatever Redis does (about 2 s in practice);
-what this catches is a close that never returns."""
-
 
 async def test_close_is_bounded_while_redis_is_frozen(own_backend: Backend) -> None:
     """close() gives up on a frozen Redis (every master SIGSTOPped) within its timeouts

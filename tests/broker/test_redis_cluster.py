@@ -8,18 +8,20 @@ are in tests/e2e/test_redis_cluster.py.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from redis.crc import key_slot
 
 from roomcast.broker import create_broker
+from roomcast.broker._cluster import TopologyRefresher
 from roomcast.broker._keys import Keys
 from roomcast.broker._urls import parse_cluster_url
 from roomcast.shared.envelope import Kind
 from roomcast.shared.errors import PublishError
 from roomcast.shared.ids import Room
-from tests.broker.helpers import Backend, envelope, eventually, sync_with
+from tests.broker.helpers import CLOSE_BOUND, Backend, envelope, eventually, sync_with
 
 CLUSTER = pytest.mark.parametrize("backend", ["cluster"], indirect=True)
 OWN_CLUSTER = pytest.mark.parametrize("own_backend", ["cluster"], indirect=True)
@@ -150,3 +152,37 @@ async def test_frozen_master_fails_only_its_rooms_and_recovers(own_backend: Back
     await a.broker.publish(envelope(Kind.ROOM, frozen_room, b"thawed", origin=a.id))
     await b.inbox.wait_for_payload(b"thawed")
 
+
+
+@OWN_CLUSTER
+async def test_close_is_bounded_while_a_slot_map_refresh_never_lets_go(
+    own_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-subscription stuck in a slot-map refresh that ignores cancellation (a library
+    call that does not let go) does not hold close(): the broker gives its tasks the
+    socket timeout to stop and goes on. (Before issue 11, close() awaited the cluster
+    subscriber's supervisor without a bound and did not return.)"""
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def stuck(self: TopologyRefresher) -> None:
+        entered.set()
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+
+    a = await own_backend.node("a", socket_timeout=0.5)
+    monkeypatch.setattr(TopologyRefresher, "refresh", stuck)
+    own_backend.kill_pubsub_clients()  # the link is lost: the broker repairs, and sticks
+    try:
+        async with asyncio.timeout(5):
+            await entered.wait()
+        async with asyncio.timeout(CLOSE_BOUND):
+            await a.broker.close()
+    finally:
+        release.set()
+    assert a.broker._supervisor is not None
+    await asyncio.wait([a.broker._supervisor], timeout=5)
+    assert a.broker._supervisor.done()  # once let go, it saw the broker closed and ended
