@@ -34,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from roomcast.broker._cluster_pubsub import ShardSubscriber
+from roomcast.broker._cluster_pubsub import ShardSubscriber, master_of
 from roomcast.broker._transport import (
     REDIS_ERRORS,
     Command,
@@ -147,14 +147,6 @@ class ShardPipeliner:
         """Pipelines sent so far, over every master (tests use it to see batching)."""
         return sum(q.pipeliner.batches for q in self._queues.values())
 
-    def master_of(self, route: str) -> ClusterNode:
-        """The master serving ``route``'s slot in the current map; SlotNotCoveredError if none."""
-        slot = self._client.keyslot(route)
-        try:
-            return self._client.nodes_manager.get_node_from_slot(slot)
-        except (KeyError, SlotNotCoveredError):
-            raise SlotNotCoveredError(f"slot {slot} is not covered by the cluster") from None
-
     async def execute(self, route: str, *commands: Command) -> list[Any]:
         """Queue ``commands`` for the master of ``route``'s slot; their replies.
 
@@ -164,7 +156,7 @@ class ShardPipeliner:
         if not self._client.nodes_manager.slots_cache:  # first use: a Publisher is lazy
             async with asyncio.timeout(3 * self._timeout):
                 await self._client.initialize()
-        node = self.master_of(route)
+        node = master_of(self._client, route)
         queue = self._queues.get(node.name)
         if queue is None:
             queue = self._queues[node.name] = _MasterQueue(self)
@@ -225,7 +217,7 @@ class ClusterTransport:
     def failure_domain(self, route: str) -> str:
         """The address of the master serving ``route``'s slot now."""
         try:
-            return str(self._pipeliner.master_of(route).name)
+            return str(master_of(self._client, route).name)
         except SlotNotCoveredError:
             return f"slot {self._client.keyslot(route)}"
 

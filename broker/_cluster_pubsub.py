@@ -27,7 +27,7 @@ from typing import Any
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
-from redis.exceptions import AskError
+from redis.exceptions import AskError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
@@ -179,7 +179,7 @@ class ShardSubscriber:
     # -- placement (under the lock) --------------------------------------------------
 
     def _owner(self, channel: bytes) -> ClusterNode:
-        return self._client.nodes_manager.get_node_from_slot(self._client.keyslot(channel))
+        return master_of(self._client, channel)
 
     async def _place(self, channel: bytes, node: ClusterNode) -> asyncio.Future[bool]:
         """SSUBSCRIBE ``channel`` on the link to ``node``; the future of its confirmation."""
@@ -311,6 +311,15 @@ class ShardSubscriber:
         log.info("master %s refused a shard channel of slot %s (%s); re-reading the slot map",
                  link.name, exc.slot_id, type(exc).__name__)
         self._report(refused, lost=False)
+
+
+def master_of(client: RedisCluster, key: str | bytes) -> ClusterNode:
+    """The master serving ``key``'s slot in the client's slot map; SlotNotCoveredError if none."""
+    slot = client.keyslot(key)
+    try:
+        return client.nodes_manager.get_node_from_slot(slot)
+    except (KeyError, SlotNotCoveredError):  # a slot missing from the map (failover)
+        raise SlotNotCoveredError(f"slot {slot} is not covered by the cluster") from None
 
 
 async def _send(link: _Link, *args: str | bytes) -> None:

@@ -173,6 +173,7 @@ class Pipeliner:
         self._timeout = timeout
         self._queued: _Batch | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
         self.batches = 0
         """Batches sent so far (tests use it to see that commands were batched)."""
 
@@ -182,6 +183,8 @@ class Pipeliner:
         Raises what the whole batch failed with (connection lost, timeout). A caller
         that is cancelled only stops waiting: its commands still go out with the batch.
         """
+        if self._closed:
+            raise RedisConnectionError("the connection to Redis was closed")
         if self._queued is None:
             self._queued = _Batch()
         reply: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
@@ -191,7 +194,8 @@ class Pipeliner:
         return await reply
 
     async def close(self, grace: float) -> None:
-        """Let queued batches go out for at most ``grace`` seconds, then stop."""
+        """Let queued batches go out for at most ``grace`` seconds, then stop for good."""
+        self._closed = True
         flusher = self._flusher
         if flusher is not None and not flusher.done():
             await asyncio.wait([flusher], timeout=grace)

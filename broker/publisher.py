@@ -62,8 +62,8 @@ class Publisher:
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
     ) -> None:
         check_positive("presence_ttl", presence_ttl)
+        self._keys = Keys(prefix, cluster=isinstance(url, str) and is_cluster_url(url))
         self._transport = transport_for(url, socket_timeout=socket_timeout)
-        self._keys = Keys(prefix, cluster=is_cluster_url(url))
         self._presence_ttl = float(presence_ttl)
         self._closed = False
         self.published = 0

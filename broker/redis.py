@@ -102,9 +102,9 @@ class RedisBroker:
     ) -> None:
         check_timing(heartbeat_interval, presence_ttl, reconnect_max_delay,
                      health_check_interval)
+        self._keys = Keys(prefix, cluster=isinstance(url, str) and is_cluster_url(url))
         self._transport = transport_for(url, socket_timeout=socket_timeout,
                                         health_check_interval=health_check_interval)
-        self._keys = Keys(prefix, cluster=is_cluster_url(url))
         self._safe_url = redact_url(url)
         self._heartbeat_interval = float(heartbeat_interval)
         self._presence_ttl = float(presence_ttl)
@@ -201,7 +201,7 @@ class RedisBroker:
             try:
                 async with asyncio.timeout(2 * self._timeout):
                     await call(self._transport, self._keys.nodes,
-                                       scripts.withdraw(self._keys, node))
+                               scripts.withdraw(self._keys, node))
             except REDIS_ERRORS as exc:
                 log.warning(
                     "could not withdraw node %s's presence (%s); peers remove it within %.1f s",
@@ -235,7 +235,8 @@ class RedisBroker:
             self.stats.publish_failures += 1
             reason = self._transport.describe(exc)
             self._failing[self._transport.failure_domain(channel)] = (
-                channel, f"{reason} (failing fast until Redis answers a heartbeat)")
+                channel, f"{reason} (failing fast until it answers again, checked with "
+                         "each heartbeat)")
             self._warn("publish", "cross-node publish failed (%d so far): %s",
                        self.stats.publish_failures, reason)
             raise PublishError(reason) from exc
