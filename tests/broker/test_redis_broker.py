@@ -489,7 +489,11 @@ async def test_redis_down_fails_publishes_then_everything_recovers(own_backend: 
     for room in [*rooms, Room("late")]:
         await a.broker.publish(room_env(room.encode(), a.id, room))
     await b.inbox.wait_until(lambda: len(b.inbox.envelopes) == len(rooms) + 1)
-    assert sorted(b.inbox.payloads) == sorted(r.encode() for r in [*rooms, "late"])
+    expected = [r.encode() for r in [*rooms, "late"]]
+    if backend.cluster:  # channels on different masters: no order between them
+        assert sorted(b.inbox.payloads) == sorted(expected)
+    else:
+        assert b.inbox.payloads == expected
 
 
 async def test_pubsub_client_kill_triggers_reconnect_and_resubscribe(
@@ -548,7 +552,10 @@ async def test_frozen_redis_is_detected_and_survived(own_backend: Backend) -> No
         backend.thaw()
     await eventually(lambda: a.broker.connected and b.broker.connected, timeout=15)
     assert b.broker.stats.reconnects >= 1
-    await eventually(lambda: not a.broker._failing)  # the next heartbeat lets publishes try
+    if backend.cluster:  # the room's master may not be the one a's heartbeat reached
+        await eventually(lambda: not a.broker._failing)  # a PING with the next heartbeat
+    else:
+        assert not a.broker._failing  # a's reconnect ran a heartbeat before "connected"
     await a.broker.publish(room_env(b"thawed", a.id))
     await b.inbox.wait_for_payload(b"thawed")
 
@@ -566,7 +573,7 @@ async def test_close_is_bounded_while_redis_is_frozen(own_backend: Backend) -> N
     try:
         in_flight = asyncio.ensure_future(a.broker.publish(room_env(b"stuck", a.id)))
         await asyncio.sleep(0)  # the publish is written, its reply will never come
-        async with asyncio.timeout(CLOSE_BOUND):
+        async with asyncio.timeout(3 * 0.5 + 1.0):  # three socket timeouts and slack
             await a.broker.close()
         with pytest.raises(PublishError):
             await in_flight
