@@ -233,6 +233,12 @@ class ClusterTransport:
         """As ``execute``: pipelined per master (one connection each, from the pool)."""
         return await self._pipeliner.execute(route, *commands)
 
+    async def publish(self, channel: str, data: bytes) -> None:
+        """SPUBLISH on the master of ``channel``'s slot, pipelined per master."""
+        (reply,) = await self._pipeliner.execute(channel, (self.publish_command, channel, data))
+        if isinstance(reply, Exception):
+            raise reply
+
     async def start(self, listener: Listener, channels: Collection[str]) -> None:
         """Read the slot map and SSUBSCRIBE ``channels``; raises if the cluster is unreachable."""
         async with asyncio.timeout(3 * self._timeout):

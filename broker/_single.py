@@ -248,6 +248,12 @@ class SingleTransport:
         """Write ``commands`` on the publish link in the caller's turn."""
         return await self._publish_link.execute(*commands)
 
+    async def publish(self, channel: str, data: bytes) -> None:
+        """PUBLISH on the publish link, written in the caller's turn."""
+        (reply,) = await self._publish_link.execute((self.publish_command, channel, data))
+        if isinstance(reply, Exception):
+            raise reply
+
     async def _send_batch(self, commands: list[Command]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
         for command in commands:

@@ -93,6 +93,11 @@ class Transport(Protocol):
         (before the caller first suspends), for publishes."""
         ...
 
+    async def publish(self, channel: str, data: bytes) -> None:
+        """PUBLISH (or SPUBLISH) ``data`` on ``channel`` as ``execute_now`` would; raises
+        what Redis raised, an error reply too. The fan-out path: one call, no detour."""
+        ...
+
     async def start(self, listener: Listener, channels: Collection[str]) -> None:
         """Reach Redis and subscribe ``channels`` for good; raises if Redis is unreachable."""
         ...
@@ -125,13 +130,6 @@ async def call(transport: Transport, route: str, command: Command) -> Any:
     if isinstance(reply, Exception):
         raise reply
     return reply
-
-
-async def publish(transport: Transport, channel: str, data: bytes) -> None:
-    """Publish ``data`` on ``channel`` through ``execute_now``; raises what Redis raised."""
-    (reply,) = await transport.execute_now(channel, (transport.publish_command, channel, data))
-    if isinstance(reply, Exception):
-        raise reply
 
 
 def describe_failure(exc: BaseException, url: str) -> str:

@@ -17,7 +17,7 @@ from typing import Self
 
 from roomcast.broker import _scripts as scripts
 from roomcast.broker._keys import Keys
-from roomcast.broker._transport import DEFAULT_SOCKET_TIMEOUT, REDIS_ERRORS, publish
+from roomcast.broker._transport import DEFAULT_SOCKET_TIMEOUT, REDIS_ERRORS
 from roomcast.broker._urls import is_cluster_url
 from roomcast.broker.redis import check_positive, transport_for
 from roomcast.shared.envelope import Envelope, Kind, encode
@@ -121,7 +121,7 @@ class Publisher:
         envelope = external_envelope(kind, target, data, exclude)
         channel = self._keys.channel_for(envelope)
         try:
-            await publish(self._transport, channel, encode(envelope))
+            await self._transport.publish(channel, encode(envelope))
         except REDIS_ERRORS as exc:
             self.publish_failures += 1
             raise PublishError(self._transport.describe(exc)) from exc

@@ -31,7 +31,6 @@ from roomcast.broker._transport import (
     Listener,
     Transport,
     call,
-    publish,
     stop_tasks,
 )
 from roomcast.broker._urls import is_cluster_url, redact_url
@@ -230,7 +229,7 @@ class RedisBroker:
                 self.stats.publish_failures += 1
                 raise PublishError(failing[1])
         try:
-            await publish(self._transport, channel, encode(envelope))
+            await self._transport.publish(channel, encode(envelope))
         except REDIS_ERRORS as exc:
             self.stats.publish_failures += 1
             reason = self._transport.describe(exc)

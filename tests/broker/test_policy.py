@@ -60,6 +60,9 @@ class FakeTransport:
     async def execute_now(self, route: str, *commands: Command) -> list[Any]:
         return await self.execute(route, *commands)
 
+    async def publish(self, channel: str, data: bytes) -> None:
+        await self.execute(channel, ("PUBLISH", channel, data))
+
     async def start(self, listener: Listener, channels: Collection[str]) -> None:
         self.listener = listener
         self.wanted.update(channels)
