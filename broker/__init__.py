@@ -1,26 +1,26 @@
 """How nodes reach each other: the Broker interface and its implementations.
 
 ``create_broker(url)`` picks one by URL scheme: no URL or ``memory://`` gives the
-in-process broker (one node); ``redis://``, ``rediss://`` and ``unix://`` give the
-Redis broker; ``redis+cluster://`` and ``rediss+cluster://`` give the Redis Cluster
-broker (sharded pub/sub). ``Publisher`` takes the Redis URLs, ``ClusterPublisher``
-the cluster ones.
+in-process broker (one node); ``redis://``, ``rediss://`` and ``unix://`` (one Redis
+server) and ``redis+cluster://`` and ``rediss+cluster://`` (a Redis Cluster, sharded
+pub/sub) give ``RedisBroker`` over the matching transport. ``Publisher`` takes the same
+Redis URLs. ``RedisClusterBroker`` and ``ClusterPublisher`` are former names of
+``RedisBroker`` and ``Publisher``.
 """
 
 from __future__ import annotations
 
-from roomcast.broker.base import Broker, Deliver
+from roomcast.broker._urls import is_redis_url
+from roomcast.broker.base import Broker, BrokerStats, Deliver
 from roomcast.broker.memory import MemoryBroker, MemoryBus
 from roomcast.broker.publisher import Publisher
-from roomcast.broker.redis_cluster import ClusterPublisher
+from roomcast.broker.redis import RedisBroker
+from roomcast.broker.redis_cluster import ClusterPublisher, RedisClusterBroker
 
 __all__ = [
-    "Broker", "ClusterPublisher", "Deliver", "MemoryBroker", "MemoryBus", "Publisher",
-    "create_broker",
+    "Broker", "BrokerStats", "ClusterPublisher", "Deliver", "MemoryBroker", "MemoryBus",
+    "Publisher", "RedisBroker", "RedisClusterBroker", "create_broker",
 ]
-
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-_CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 def create_broker(
@@ -32,20 +32,11 @@ def create_broker(
 ) -> Broker:
     """The broker for ``url``; ValueError for a scheme roomcast does not know.
 
-    ``prefix``, ``heartbeat_interval`` and ``presence_ttl`` apply to the Redis brokers.
+    ``prefix``, ``heartbeat_interval`` and ``presence_ttl`` apply to the Redis broker.
     """
     if url is None or url == "" or url == "memory://":
         return MemoryBroker()
-    if url.lower().startswith(_CLUSTER_SCHEMES):
-        from roomcast.broker.redis_cluster import RedisClusterBroker
-
-        return RedisClusterBroker(
-            url, prefix=prefix, heartbeat_interval=heartbeat_interval,
-            presence_ttl=presence_ttl,
-        )
-    if url.startswith(_REDIS_SCHEMES):
-        from roomcast.broker.redis import RedisBroker
-
+    if is_redis_url(url):
         return RedisBroker(
             url, prefix=prefix, heartbeat_interval=heartbeat_interval,
             presence_ttl=presence_ttl,

@@ -3,14 +3,14 @@
 A shard channel is served by the master of its slot only, so a node keeps one dedicated
 connection per such master, made by that master's redis-py ``ClusterNode`` (its connection
 class and settings: TLS, credentials, timeouts) and read by one task. Where a channel
-lives comes from redis-py's slot map; this module keeps the links in step with it:
+lives comes from redis-py's slot map. When a channel stops being subscribed, the
+listener hears ``on_unsubscribed`` and the broker calls ``reconcile`` (after refreshing
+the slot map) until every channel is placed again:
 
-- a link breaks (master killed, frozen, restarted): its channels are re-placed;
+- a link breaks (master killed, frozen, restarted): its channels, as lost;
 - the server sends ``sunsubscribe`` unasked (the slot migrated away) or answers
-  SSUBSCRIBE with MOVED (our slot map is stale): those channels are re-placed;
+  SSUBSCRIBE with MOVED (our slot map is stale): those channels, as moved.
 
-each time after re-reading the slot map, retried with capped, jittered backoff while
-no master serves a slot (between a master's death and its replica's promotion).
 ``ClusterPubSub`` was not used: it reads the shards one after the other with a timeout
 each, and its ssubscribe does not wait for the confirmation that ``subscribe`` promises.
 """
@@ -19,30 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
-import math
-import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
-from redis.exceptions import AskError
+from redis.exceptions import AskError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
-from roomcast.broker._cluster_common import (
-    CLUSTER_ERRORS,
-    TopologyRefresher,
-    describe_cluster_failure,
+from roomcast.broker._transport import (
+    REDIS_ERRORS,
+    Listener,
+    disconnect,
+    read_replies,
+    stop_tasks,
 )
 
-log = logging.getLogger("roomcast.broker.redis_cluster")
-
-_FIRST_RECONNECT_DELAY: Final = 0.1
+log = logging.getLogger("roomcast.broker.redis")
 
 
 @dataclass(eq=False)
@@ -59,52 +56,21 @@ class _Link:
 
 
 class ShardSubscriber:
-    """Keeps the wanted shard channels subscribed on their current masters.
-
-    ``on_message`` gets every message's data, on the event loop; ``on_recovered`` is
-    awaited after every channel is subscribed again following a lost link.
-    """
+    """Keeps the wanted shard channels subscribed on their current masters."""
 
     def __init__(
-        self,
-        client: RedisCluster,
-        url: str,
-        refresher: TopologyRefresher,
-        *,
-        on_message: Callable[[bytes], None],
-        on_recovered: Callable[[], Awaitable[None]],
-        socket_timeout: float,
-        health_check_interval: float,
-        reconnect_max_delay: float,
+        self, client: RedisCluster, *, socket_timeout: float, health_check_interval: float
     ) -> None:
         self._client = client
-        self._url = url
-        self._refresher = refresher
-        self._on_message = on_message
-        self._on_recovered = on_recovered
         self._socket_timeout = socket_timeout
         self._health_check_interval = health_check_interval
-        self._reconnect_max_delay = reconnect_max_delay
-
+        self._listener: Listener | None = None
         self._desired: set[bytes] = set()
         self._placed: dict[bytes, _Link] = {}
         self._links: dict[str, _Link] = {}
         self._waiters: dict[bytes, asyncio.Future[bool]] = {}
         self._lock = asyncio.Lock()
-        self._wake = asyncio.Event()
-        self._supervisor: asyncio.Task[None] | None = None
-        self._connected = False
-        self._lost = False
         self._closed = False
-        self.reconnects = 0
-        """Recoveries: times every channel was subscribed again after a link was lost."""
-        self.resubscribes = 0
-        """Channels re-placed on another master (failover, migration, MOVED)."""
-
-    @property
-    def connected(self) -> bool:
-        """True while every wanted channel sits on a live link (none lost since)."""
-        return self._connected
 
     def links(self) -> dict[str, set[bytes]]:
         """Master name -> channels subscribed there (for tests and diagnostics)."""
@@ -112,45 +78,30 @@ class ShardSubscriber:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, channels: Iterable[str]) -> None:
-        """Subscribe ``channels`` and wait for every confirmation; raises CLUSTER_ERRORS."""
+    async def start(self, listener: Listener, channels: Iterable[str]) -> None:
+        """Subscribe ``channels`` and wait for every confirmation; raises REDIS_ERRORS."""
         self._closed = False
+        self._listener = listener
         wanted = [c.encode() for c in channels]
         self._desired.update(wanted)
         waiters: list[asyncio.Future[bool]] = []
-        try:
-            async with self._lock:
-                for channel in wanted:
-                    waiters.append(await self._place(channel, self._owner(channel)))
-            if not all(await self._settle(waiters)):
-                raise TimeoutError(
-                    f"the cluster did not confirm SSUBSCRIBE within {self._socket_timeout} s"
-                )
-        except BaseException:
-            await self._teardown()
-            raise
-        self._connected = True
-        self._supervisor = asyncio.create_task(self._supervise(),
-                                               name="roomcast-cluster-supervisor")
+        async with self._lock:
+            for channel in wanted:
+                waiters.append(await self._place(channel, self._owner(channel)))
+        if not all(await self._settle(waiters)):
+            raise TimeoutError(
+                f"the cluster did not confirm SSUBSCRIBE within {self._socket_timeout} s"
+            )
 
     async def close(self) -> None:
-        """Stop the supervisor and every link; idempotent; ``start`` may follow."""
+        """Close every link (bounded: waits for no lock); idempotent."""
         self._closed = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        await self._teardown()
-
-    async def _teardown(self) -> None:
-        self._connected = False
-        async with self._lock:  # an add() opening a link finishes first
-            for link in list(self._links.values()):
-                await self._close_link(link)
-            for channel in list(self._waiters):
-                self._resolve(channel, False)
-            self._desired.clear()
-            self._placed.clear()
+        for link in list(self._links.values()):
+            await self._close_link(link)
+        for channel in list(self._waiters):
+            self._resolve(channel, False)
+        self._desired.clear()
+        self._placed.clear()
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -165,19 +116,17 @@ class ShardSubscriber:
             if key in self._desired and key not in self._placed and not self._closed:
                 try:
                     waiter = await self._place(key, self._owner(key))
-                except CLUSTER_ERRORS as exc:
-                    # its master is unreachable: the supervisor places it when it can
+                except REDIS_ERRORS as exc:
+                    # its master is unreachable: the broker repairs when it can
                     log.debug("SSUBSCRIBE %r deferred: %s", channel, exc)
-                    self._lost = True
-                    self._connected = False
-                    self._wake.set()
+                    self._report([key], lost=True)
             else:
                 waiter = self._waiters.get(key)
         if waiter is not None:
             await asyncio.wait([waiter], timeout=self._socket_timeout)
 
     async def remove(self, channel: str) -> None:
-        """Unsubscribe ``channel``; messages still in flight are the caller's to ignore."""
+        """Unsubscribe ``channel``; messages still in flight are the listener's to ignore."""
         key = channel.encode()
         self._desired.discard(key)
         async with self._lock:
@@ -187,10 +136,50 @@ class ShardSubscriber:
             self._unplace(key)
             await self._unsubscribe(link, key)
 
+    async def reconcile(self) -> tuple[frozenset[str], bool]:
+        """Make the links match the slot map: the channels placed in this pass, and
+        whether every wanted channel is confirmed now. Raises REDIS_ERRORS."""
+        waiters: list[asyncio.Future[bool]] = []
+        placed: set[bytes] = set()
+        complete = True
+        async with self._lock:
+            for channel, link in list(self._placed.items()):
+                try:
+                    moved = self._owner(channel).name != link.name
+                except REDIS_ERRORS:
+                    moved = True
+                if moved:
+                    self._unplace(channel)
+                    await self._unsubscribe(link, channel)
+            unreachable: set[str] = set()  # try each master once per pass, not per channel
+            for channel in self._desired - self._placed.keys():
+                node: ClusterNode | None = None
+                try:
+                    node = self._owner(channel)
+                    if node.name in unreachable:
+                        complete = False
+                        continue
+                    waiters.append(await self._place(channel, node))
+                    placed.add(channel)
+                except REDIS_ERRORS as exc:
+                    log.debug("SSUBSCRIBE %r deferred: %s", channel, exc)
+                    if node is not None:
+                        unreachable.add(node.name)
+                    complete = False
+            for channel in self._desired:
+                pending = self._waiters.get(channel)
+                if pending is not None and pending not in waiters:
+                    waiters.append(pending)
+            for link in list(self._links.values()):
+                if not link.channels and not link.unsubscribing:
+                    await self._close_link(link)  # a master we no longer need
+        confirmed = all(await self._settle(waiters)) and complete
+        return frozenset(c.decode() for c in placed), confirmed
+
     # -- placement (under the lock) --------------------------------------------------
 
     def _owner(self, channel: bytes) -> ClusterNode:
-        return self._client.nodes_manager.get_node_from_slot(self._client.keyslot(channel))
+        return master_of(self._client, channel)
 
     async def _place(self, channel: bytes, node: ClusterNode) -> asyncio.Future[bool]:
         """SSUBSCRIBE ``channel`` on the link to ``node``; the future of its confirmation."""
@@ -205,7 +194,7 @@ class ShardSubscriber:
         try:
             await _send(link, "SSUBSCRIBE", channel)
         except BaseException:
-            # the send broke the link: its reader sees that and recovers; here, undo
+            # the send broke the link: its reader sees that and reports it; here, undo
             self._unplace(channel)
             raise
         return waiter
@@ -214,7 +203,7 @@ class ShardSubscriber:
         link.unsubscribing[channel] += 1
         try:
             await _send(link, "SUNSUBSCRIBE", channel)
-        except CLUSTER_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.debug("SUNSUBSCRIBE not sent (the link is going away): %s", exc)
 
     def _unplace(self, channel: bytes) -> None:
@@ -228,14 +217,20 @@ class ShardSubscriber:
         if waiter is not None and not waiter.done():
             waiter.set_result(confirmed)
 
+    def _report(self, channels: Collection[bytes], *, lost: bool) -> None:
+        if self._listener is not None and not self._closed:
+            self._listener.on_unsubscribed([c.decode() for c in channels], lost)
+
     async def _open_link(self, node: ClusterNode) -> _Link:
         options = dict(node.connection_kwargs)
-        options["retry"] = Retry(NoBackoff(), 0)  # this module decides when to reconnect
+        options["retry"] = Retry(NoBackoff(), 0)  # the broker decides when to reconnect
         conn: AbstractConnection = node.connection_class(**options)
         try:
             await conn.connect()  # type: ignore[no-untyped-call]
+            if self._closed:
+                raise RedisConnectionError("the subscriber was closed")
         except BaseException:
-            await _disconnect(conn)
+            await disconnect(conn)
             raise
         link = _Link(node.name, conn)
         self._links[node.name] = link
@@ -250,153 +245,47 @@ class ShardSubscriber:
         for channel in list(link.channels):
             if self._placed.get(channel) is link:
                 self._unplace(channel)
-        if link.reader is not None and link.reader is not asyncio.current_task():
-            link.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await link.reader
-        await _disconnect(link.conn)
-
-    async def _reconcile(self) -> bool:
-        """Make the links match the slot map; True once every wanted channel is confirmed."""
-        waiters: list[asyncio.Future[bool]] = []
-        complete = True
-        async with self._lock:
-            for channel, link in list(self._placed.items()):
-                try:
-                    moved = self._owner(channel).name != link.name
-                except CLUSTER_ERRORS:
-                    moved = True
-                if moved:
-                    self._unplace(channel)
-                    await self._unsubscribe(link, channel)
-            unreachable: set[str] = set()  # try each master once per pass, not per channel
-            for channel in self._desired - self._placed.keys():
-                node: ClusterNode | None = None
-                try:
-                    node = self._owner(channel)
-                    if node.name in unreachable:
-                        complete = False
-                        continue
-                    waiters.append(await self._place(channel, node))
-                    self.resubscribes += 1
-                except CLUSTER_ERRORS as exc:
-                    log.debug("SSUBSCRIBE %r deferred: %s", channel, exc)
-                    if node is not None:
-                        unreachable.add(node.name)
-                    complete = False
-            for channel in self._desired:
-                pending = self._waiters.get(channel)
-                if pending is not None and pending not in waiters:
-                    waiters.append(pending)
-            for link in list(self._links.values()):
-                if not link.channels and not link.unsubscribing:
-                    await self._close_link(link)  # a master we no longer need
-        return all(await self._settle(waiters)) and complete
+        await stop_tasks([link.reader], self._socket_timeout)
+        await disconnect(link.conn)
 
     async def _settle(self, waiters: list[asyncio.Future[bool]]) -> list[bool]:
         if waiters:
             await asyncio.wait(waiters, timeout=self._socket_timeout)
         return [w.done() and w.result() for w in waiters]
 
-    # -- recovery --------------------------------------------------------------------
-
-    async def _supervise(self) -> None:
-        """Whenever woken: refresh the slot map and re-place channels until all are live."""
-        while True:
-            await self._wake.wait()
-            attempt = 0
-            warned = False
-            while True:
-                self._wake.clear()
-                if attempt:
-                    await asyncio.sleep(self._backoff(attempt - 1))
-                attempt += 1
-                try:
-                    await self._refresher.refresh()
-                    done = await self._reconcile()
-                except CLUSTER_ERRORS as exc:
-                    done = False
-                    if not warned:
-                        log.warning("re-subscribing shard channels: %s; retrying",
-                                    describe_cluster_failure(exc, self._url))
-                        warned = True
-                if done and not self._wake.is_set():  # nothing new went wrong meanwhile
-                    break
-            if self._lost:
-                self._lost = False
-                self._connected = True
-                self.reconnects += 1
-                log.info("sharded pub/sub restored after %d attempt(s): %d channel(s) on "
-                         "%d master(s)", attempt, len(self._placed), len(self._links))
-                try:
-                    await self._on_recovered()
-                except Exception:
-                    log.exception("re-registering after recovery failed")
-
-    def _backoff(self, attempt: int) -> float:
-        """Capped exponential delay with jitter, so restarted nodes don't stampede Redis."""
-        ceiling = min(self._reconnect_max_delay, _FIRST_RECONNECT_DELAY * 2.0 ** min(attempt, 30))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
     # -- reading ---------------------------------------------------------------------
 
     async def _run_link(self, link: _Link) -> None:
         try:
-            await self._read(link)
-        except asyncio.CancelledError:
-            raise
-        except CLUSTER_ERRORS as exc:
+            await read_replies(
+                link.conn, lambda reply: self._on_reply(link, reply),
+                idle=self._health_check_interval, pong_wait=self._socket_timeout,
+                name=link.name,
+            )
+        except REDIS_ERRORS as exc:
             if not link.closing:
                 log.warning("lost the sharded pub/sub link to %s (%s); re-subscribing its "
                             "%d channel(s)", link.name, exc or type(exc).__name__,
                             len(link.channels))
         except Exception:
             log.exception("sharded pub/sub reader of %s failed; re-subscribing", link.name)
-        finally:
-            if not link.closing:
-                self._lost = True
-                self._connected = False
-                self._wake.set()
-                await self._close_link(link)
-
-    async def _read(self, link: _Link) -> None:
-        """Handle every reply; PING when idle, give up when the PING goes unanswered."""
-        loop = asyncio.get_running_loop()
-        idle, pong_wait = self._health_check_interval, self._socket_timeout
-        awaiting_pong = False
-        while True:
-            try:
-                async with asyncio.timeout(None) as deadline:
-                    while True:
-                        # re-arm the idle timer only once half of it is used up
-                        limit = pong_wait if awaiting_pong else idle
-                        now, when = loop.time(), deadline.when()
-                        if when is None or when - now < limit / 2:
-                            deadline.reschedule(now + limit)
-                        try:
-                            reply = await link.conn.read_response(
-                                timeout=math.inf, disconnect_on_error=False
-                            )
-                        except AskError as exc:  # MOVED/ASK: our slot map is stale
-                            awaiting_pong = False
-                            self._refused(link, exc)
-                            continue
-                        awaiting_pong = False  # any reply proves the server alive
-                        self._on_reply(link, reply)
-            except TimeoutError:
-                if awaiting_pong:
-                    raise TimeoutError(
-                        f"no answer to PING within {pong_wait} s; is {link.name} frozen?"
-                    ) from None
-                await link.conn.send_command("PING", check_health=False)
-                awaiting_pong = True
+        if not link.closing:
+            lost = set(link.channels)
+            await self._close_link(link)
+            self._report(lost, lost=True)
 
     def _on_reply(self, link: _Link, reply: Any) -> None:
+        if isinstance(reply, AskError):  # MOVED/ASK on SSUBSCRIBE: our slot map is stale
+            self._refused(link, reply)
+            return
+        if isinstance(reply, Exception):
+            raise reply
         if not isinstance(reply, list) or len(reply) < 2:
             return  # PONG outside subscribed mode
         kind = reply[0]
         if kind == b"smessage":
-            self._on_message(reply[2])
+            if self._listener is not None:
+                self._listener.on_message(reply[2])
         elif kind == b"ssubscribe":
             if self._placed.get(reply[1]) is link:
                 self._resolve(reply[1], True)
@@ -411,16 +300,26 @@ class ShardSubscriber:
                 log.info("master %s dropped shard channel %r (slot moved); re-subscribing",
                          link.name, channel.decode(errors="replace"))
                 self._unplace(channel)
-                self._wake.set()
+                self._report([channel], lost=False)
 
     def _refused(self, link: _Link, exc: AskError) -> None:
         """SSUBSCRIBE answered MOVED/ASK: re-place that slot's unconfirmed channels."""
-        for channel in list(link.channels):
-            if channel in self._waiters and self._client.keyslot(channel) == exc.slot_id:
-                self._unplace(channel)
+        refused = [channel for channel in link.channels
+                   if channel in self._waiters and self._client.keyslot(channel) == exc.slot_id]
+        for channel in refused:
+            self._unplace(channel)
         log.info("master %s refused a shard channel of slot %s (%s); re-reading the slot map",
                  link.name, exc.slot_id, type(exc).__name__)
-        self._wake.set()
+        self._report(refused, lost=False)
+
+
+def master_of(client: RedisCluster, key: str | bytes) -> ClusterNode:
+    """The master serving ``key``'s slot in the client's slot map; SlotNotCoveredError if none."""
+    slot = client.keyslot(key)
+    try:
+        return client.nodes_manager.get_node_from_slot(slot)
+    except (KeyError, SlotNotCoveredError):  # a slot missing from the map (failover)
+        raise SlotNotCoveredError(f"slot {slot} is not covered by the cluster") from None
 
 
 async def _send(link: _Link, *args: str | bytes) -> None:
@@ -428,8 +327,3 @@ async def _send(link: _Link, *args: str | bytes) -> None:
     if link.closing or not link.conn.is_connected:
         raise RedisConnectionError(f"the pub/sub link to {link.name} is down")
     await link.conn.send_command(*args, check_health=False)
-
-
-async def _disconnect(conn: AbstractConnection) -> None:
-    with contextlib.suppress(*CLUSTER_ERRORS):
-        await conn.disconnect(nowait=True)

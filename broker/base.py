@@ -1,9 +1,9 @@
 """The broker interface: how a node reaches the other nodes.
 
-A broker carries envelopes between nodes and keeps cluster-wide room presence. Three
-implementations honour it: ``MemoryBroker`` (one process), ``RedisBroker`` and
-``RedisClusterBroker`` (Redis Cluster, sharded pub/sub).
-The hub is their only caller and makes calls for one room in order.
+A broker carries envelopes between nodes and keeps cluster-wide room presence. Two
+implementations honour it: ``MemoryBroker`` (one process) and ``RedisBroker`` (one Redis
+server, or a Redis Cluster with sharded pub/sub). The hub is their only caller and makes
+calls for one room in order; metrics read ``stats``.
 
 Failures: ``publish`` raises PublishError and ``room_members`` raises BrokerError when
 the other nodes cannot be reached; ``subscribe``, ``unsubscribe`` and the presence calls
@@ -14,6 +14,7 @@ never fail for that reason (a broker re-applies them once it is connected again)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from roomcast.shared.envelope import Envelope
@@ -23,9 +24,32 @@ Deliver = Callable[[Envelope], None]
 """Called by the broker, on the event loop, for every valid envelope from another node."""
 
 
+@dataclass(slots=True)
+class BrokerStats:
+    """A broker's counters: plain ints the broker adds to and metrics read."""
+
+    published: int = 0
+    """Envelopes handed to the other nodes."""
+    received: int = 0
+    """Envelopes from other nodes handed to ``deliver``."""
+    dropped: int = 0
+    """Envelopes from other nodes dropped because they did not decode or validate."""
+    publish_failures: int = 0
+    """Publishes that raised PublishError (including those failed fast)."""
+    reconnects: int = 0
+    """Times every subscription was restored after a lost link."""
+    resubscribes: int = 0
+    """Channels subscribed again after a lost link or a move to another master."""
+
+
 @runtime_checkable
 class Broker(Protocol):
     """What the hub needs from a broker."""
+
+    @property
+    def stats(self) -> BrokerStats:
+        """This broker's counters (zeros for what it never does)."""
+        ...
 
     @property
     def connected(self) -> bool:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from roomcast.broker.base import Deliver
+from roomcast.broker.base import BrokerStats, Deliver
 from roomcast.shared.envelope import Envelope, Kind, decode, encode
 from roomcast.shared.errors import BrokerError, EnvelopeError
 from roomcast.shared.ids import ConnectionId, NodeId, Room, node_of
@@ -51,8 +51,8 @@ class MemoryBroker:
         self._node: NodeId | None = None
         self._deliver: Deliver | None = None
         self.rooms: set[Room] = set()
-        self.published = 0
-        self.dropped = 0
+        self.stats = BrokerStats()
+        """Counters: ``published``, ``received`` and ``dropped`` (the others stay 0)."""
 
     @property
     def connected(self) -> bool:
@@ -90,9 +90,10 @@ class MemoryBroker:
         try:
             envelope = decode(data)
         except EnvelopeError as exc:
-            self.dropped += 1
+            self.stats.dropped += 1
             log.warning("dropped an invalid envelope: %s", exc)
             return
+        self.stats.received += 1
         self._deliver(envelope)
 
     async def publish(self, envelope: Envelope) -> None:
@@ -100,7 +101,7 @@ class MemoryBroker:
             raise BrokerError("broker is not started")
         if self.has_peers:
             self._bus.send_raw(envelope.kind, envelope.target, encode(envelope), self._node)
-            self.published += 1
+            self.stats.published += 1
 
     async def subscribe(self, room: Room) -> None:
         self.rooms.add(room)

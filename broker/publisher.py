@@ -1,7 +1,8 @@
 """Publish to roomcast from any Python process that does not run a node.
 
 A worker, a cron job or another web app can reach rooms, one connection or everyone,
-and read cluster-wide room membership, through the same Redis the nodes use::
+and read cluster-wide room membership, through the same Redis the nodes use (one server
+or a Redis Cluster, by the URL's scheme, as for the nodes)::
 
     async with Publisher("redis://redis:6379/0") as pub:
         await pub.publish_to_room("lobby", "hello")
@@ -10,30 +11,21 @@ and read cluster-wide room membership, through the same Redis the nodes use::
 
 from __future__ import annotations
 
-import contextlib
 import time
 from types import TracebackType
 from typing import Self
 
+from roomcast.broker import _scripts as scripts
 from roomcast.broker._keys import Keys
-from roomcast.broker._redis_common import (
-    DEFAULT_SOCKET_TIMEOUT,
-    TRANSPORT_ERRORS,
-    Pipeliner,
-    check_positive,
-    make_client,
-    publish_bytes,
-    read_room_members,
-)
+from roomcast.broker._transport import DEFAULT_SOCKET_TIMEOUT, REDIS_ERRORS
+from roomcast.broker._urls import is_cluster_url
+from roomcast.broker.redis import check_positive, transport_for
 from roomcast.shared.envelope import Envelope, Kind, encode
 from roomcast.shared.errors import BrokerError, PublishError
-from roomcast.shared.ids import ConnectionId, Room, node_of, validate_room
+from roomcast.shared.ids import ConnectionId, node_of, validate_room
 
 Data = str | bytes
 """A message: ``str`` is sent as a text frame, ``bytes`` as a binary frame."""
-
-
-_CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 def external_envelope(kind: Kind, target: str, data: Data, exclude: str | None) -> Envelope:
@@ -51,14 +43,31 @@ def external_envelope(kind: Kind, target: str, data: Data, exclude: str | None) 
     )
 
 
-class PublisherBase:
-    """What every publisher offers; subclasses say how bytes reach Redis (``_send``),
-    how presence is read (``_read_members``) and what closing releases (``_release``)."""
+class Publisher:
+    """Sends envelopes to the nodes sharing ``prefix`` on the Redis at ``url``; not a node.
 
-    _keys: Keys
-    _closed: bool
-    published: int
-    publish_failures: int
+    ``url`` is any URL the nodes take: ``redis://``, ``rediss://``, ``unix://``, or
+    ``redis+cluster://`` / ``rediss+cluster://`` for a Redis Cluster. ``presence_ttl``
+    must match the nodes' so that ``room_members`` leaves out the same dead nodes they
+    do. Publishes are pipelined as a node's are; failures raise PublishError and are
+    counted in ``publish_failures``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "roomcast",
+        presence_ttl: float = 5.0,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    ) -> None:
+        check_positive("presence_ttl", presence_ttl)
+        self._keys = Keys(prefix, cluster=isinstance(url, str) and is_cluster_url(url))
+        self._transport = transport_for(url, socket_timeout=socket_timeout)
+        self._presence_ttl = float(presence_ttl)
+        self._closed = False
+        self.published = 0
+        self.publish_failures = 0
 
     async def publish_to_room(
         self, room: str, data: Data, *, exclude: str | None = None
@@ -78,18 +87,22 @@ class PublisherBase:
     async def room_members(self, room: str) -> set[ConnectionId]:
         """Every connection in ``room`` on a live node; BrokerError if Redis is unreachable."""
         self._require_open()
-        return await self._read_members(validate_room(room))
+        try:
+            return await scripts.room_members(
+                self._transport, self._keys, validate_room(room), self._presence_ttl)
+        except REDIS_ERRORS as exc:
+            raise BrokerError(self._transport.describe(exc)) from exc
 
     async def room_size(self, room: str) -> int:
         """How many connections are in ``room`` across the cluster."""
         return len(await self.room_members(room))
 
     async def close(self) -> None:
-        """Finish pending publishes and release the connections; idempotent."""
+        """Let pending publishes go (bounded) and release the connections; idempotent."""
         if self._closed:
             return
         self._closed = True
-        await self._release()
+        await self._transport.close()
 
     async def __aenter__(self) -> Self:
         self._require_open()
@@ -106,65 +119,14 @@ class PublisherBase:
     async def _publish(self, kind: Kind, target: str, data: Data, exclude: str | None) -> None:
         self._require_open()
         envelope = external_envelope(kind, target, data, exclude)
+        channel = self._keys.channel_for(envelope)
         try:
-            await self._send(self._keys.channel_for(envelope), encode(envelope))
-        except PublishError:
+            await self._transport.publish(channel, encode(envelope))
+        except REDIS_ERRORS as exc:
             self.publish_failures += 1
-            raise
+            raise PublishError(self._transport.describe(exc)) from exc
         self.published += 1
 
     def _require_open(self) -> None:
         if self._closed:
             raise BrokerError(f"this {type(self).__name__} is closed; create a new one")
-
-    async def _send(self, channel: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    async def _read_members(self, room: Room) -> set[ConnectionId]:
-        raise NotImplementedError
-
-    async def _release(self) -> None:
-        raise NotImplementedError
-
-
-class Publisher(PublisherBase):
-    """Sends envelopes to the nodes sharing ``prefix`` on Redis at ``url``; not a node.
-
-    ``presence_ttl`` must match the nodes' so that ``room_members`` leaves out the same
-    dead nodes they do. Publishes are pipelined like a node's; failures raise
-    PublishError and are counted in ``publish_failures``.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = "roomcast",
-        presence_ttl: float = 5.0,
-        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
-    ) -> None:
-        if isinstance(url, str) and url.lower().startswith(_CLUSTER_SCHEMES):
-            raise ValueError("Publisher takes redis://, rediss:// and unix:// URLs; for a "
-                             "Redis Cluster use broker.ClusterPublisher (same methods)")
-        check_positive("presence_ttl", presence_ttl)
-        self._keys = Keys(prefix)
-        self._url = url
-        self._presence_ttl = float(presence_ttl)
-        self._client = make_client(url, socket_timeout)
-        self._pipeliner = Pipeliner(self._client, socket_timeout)
-        self._closed = False
-        self.published = 0
-        self.publish_failures = 0
-
-    async def _send(self, channel: str, data: bytes) -> None:
-        await publish_bytes(self._pipeliner, self._url, channel, data)
-
-    async def _read_members(self, room: Room) -> set[ConnectionId]:
-        return await read_room_members(
-            self._client, self._keys, room, self._presence_ttl, self._url
-        )
-
-    async def _release(self) -> None:
-        await self._pipeliner.drain()
-        with contextlib.suppress(*TRANSPORT_ERRORS):
-            await self._client.aclose()  # can time out if Redis is frozen

@@ -1,116 +1,91 @@
-"""The Redis broker: envelopes over Redis pub/sub, cluster-wide presence in Redis hashes.
+"""The Redis broker: envelopes over Redis pub/sub, cluster-wide presence in Redis.
 
-Each node keeps one dedicated pub/sub connection, read by one listener task, subscribed
-to its own node channel, the everyone channel and the channels of rooms it has local
-members in. Publishes and presence writes go through a pool of command connections,
-pipelined. Names of every channel and key live in ``broker._keys``.
+One class, ``RedisBroker``, for one Redis server (``redis://``, ``rediss://``,
+``unix://``) and for a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``). It
+owns every rule: the lifecycle, this node's presence (a local mirror, heartbeats,
+re-syncs, sweeping dead nodes), receiving envelopes (decode, filter, count, deliver),
+publishing (in the caller's turn, failing fast after a failure) and re-subscribing
+after a lost link (capped, jittered backoff). How to talk to Redis is the transport's
+job (``broker/_transport.py``), chosen by the URL's scheme: ``SingleTransport`` or
+``ClusterTransport``. Channel and key names live in ``broker/_keys.py``, the Lua scripts
+in ``broker/_scripts.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import random
-from typing import Any, Final
+import time
+from collections.abc import Collection, Iterable
+from typing import Final
 
-from redis.asyncio.connection import AbstractConnection
-
-from roomcast.broker._keys import Keys, redact_url
-from roomcast.broker._receiving import EnvelopeReceiver
-from roomcast.broker._redis_common import (
+from roomcast.broker import _scripts as scripts
+from roomcast.broker._cluster import ClusterTransport
+from roomcast.broker._keys import Keys
+from roomcast.broker._single import SingleTransport
+from roomcast.broker._transport import (
     DEFAULT_SOCKET_TIMEOUT,
-    TRANSPORT_ERRORS,
+    REDIS_ERRORS,
     Command,
-    Pipeliner,
-    PublishLink,
-    as_text,
-    check_timing,
-    describe_failure,
-    make_client,
-    open_connection,
-    publish_bytes,
-    read_room_members,
+    Listener,
+    Transport,
+    call,
+    stop_tasks,
 )
-from roomcast.broker.base import Deliver
-from roomcast.shared.envelope import Envelope, encode
-from roomcast.shared.errors import BrokerError, PublishError
-from roomcast.shared.ids import ConnectionId, NodeId, Room, validate_node_id, validate_room
+from roomcast.broker._urls import is_cluster_url, redact_url
+from roomcast.broker.base import BrokerStats, Deliver
+from roomcast.shared.envelope import Envelope, Kind, decode, encode
+from roomcast.shared.errors import BrokerError, EnvelopeError, PublishError
+from roomcast.shared.ids import (
+    ConnectionId,
+    NodeId,
+    Room,
+    node_of,
+    validate_node_id,
+    validate_room,
+)
 
 log = logging.getLogger("roomcast.broker.redis")
 
 _FIRST_RECONNECT_DELAY: Final = 0.1
-
-# clear_node(): delete every presence entry of one node; used inside the scripts below,
-# each of which Redis runs atomically.
-_CLEAR_NODE_LUA: Final = """
-local function clear_node(node, presence_prefix, rooms_key)
-  for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
-    local hash = presence_prefix .. room
-    local flat = redis.call('HGETALL', hash)
-    for i = 1, #flat, 2 do
-      if flat[i + 1] == node then redis.call('HDEL', hash, flat[i]) end
-    end
-  end
-  redis.call('DEL', rooms_key)
-end
-"""
-
-# KEYS[1] nodes zset; ARGV node, ttl, presence prefix, node-rooms prefix.
-# Scores use the Redis clock so nodes on different hosts need no clock agreement.
-_HEARTBEAT_LUA: Final = (
-    _CLEAR_NODE_LUA
-    + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local added = redis.call('ZADD', KEYS[1], string.format('%.6f', now), ARGV[1])
-local cutoff = string.format('(%.6f', now - tonumber(ARGV[2]))
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-for _, node in ipairs(dead) do
-  clear_node(node, ARGV[3], ARGV[4] .. node)
-  redis.call('ZREM', KEYS[1], node)
-end
-return {added, dead}
-"""
-)
-
-# ARGV node, presence prefix, this node's rooms key, then room/connection pairs.
-_RESYNC_LUA: Final = (
-    _CLEAR_NODE_LUA
-    + """
-clear_node(ARGV[1], ARGV[2], ARGV[3])
-for i = 4, #ARGV, 2 do
-  redis.call('HSET', ARGV[2] .. ARGV[i], ARGV[i + 1], ARGV[1])
-  redis.call('SADD', ARGV[3], ARGV[i])
-end
-return 1
-"""
-)
-
-# KEYS[1] nodes zset; ARGV node, presence prefix, this node's rooms key.
-_WITHDRAW_LUA: Final = (
-    _CLEAR_NODE_LUA
-    + """
-clear_node(ARGV[1], ARGV[2], ARGV[3])
-redis.call('ZREM', KEYS[1], ARGV[1])
-return 1
-"""
-)
+_WARN_EVERY: Final = 1.0
+"""Seconds between two warnings about the same kind of failure (publish, presence)."""
 
 
-class RedisBroker(EnvelopeReceiver):
-    """A Broker that reaches the other nodes through Redis at ``url``.
+def transport_for(url: str, *, socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+                  health_check_interval: float = 1.0) -> Transport:
+    """The transport ``url``'s scheme asks for: a Redis Cluster or one server."""
+    if not isinstance(url, str):
+        raise TypeError(f"Redis URL must be a str, got {type(url).__name__}")
+    if is_cluster_url(url):
+        return ClusterTransport(url, socket_timeout=socket_timeout,
+                                health_check_interval=health_check_interval)
+    return SingleTransport(url, socket_timeout=socket_timeout,
+                           health_check_interval=health_check_interval)
+
+
+class RedisBroker:
+    """A Broker that reaches the other nodes through the Redis (or Redis Cluster) at ``url``.
 
     Presence timing: a node that dies without ``close()`` (SIGKILL, power loss) drops out
     of ``room_members`` within ``presence_ttl`` of its last heartbeat, and its entries are
-    deleted by a live peer within ``presence_ttl + heartbeat_interval``. Every Redis
-    call is bounded by ``socket_timeout``; a silent pub/sub link is pinged after
-    ``health_check_interval`` and dropped if the PING is not answered in ``socket_timeout``.
+    deleted by a live peer within ``presence_ttl + heartbeat_interval``. Every Redis call
+    is bounded by ``socket_timeout``, and so is each step of ``close()``; a silent pub/sub
+    link is pinged after ``health_check_interval`` and dropped if the PING is not answered
+    within ``socket_timeout``.
 
-    Stats (plain ints): ``published``, ``received`` (envelopes from other nodes handed to
-    ``deliver``), ``dropped`` (invalid envelopes), ``publish_failures`` and ``reconnects``
-    (pub/sub links re-established).
+    Failure rules, the same for both transports:
+
+    - A publish that Redis did not take raises PublishError and is counted; then every
+      publish to the same part of Redis (the server, or the room's master on a cluster)
+      fails at once until a heartbeat or, with each heartbeat, a PING gets through, so a
+      frozen Redis holds one caller for the timeout, not every one.
+    - Presence calls never raise for Redis being away. After a failed presence write or
+      heartbeat, or a lost link, writes are skipped and the next heartbeat replaces this
+      node's presence in Redis by the local mirror, in one script.
+    - A lost link is restored with capped, jittered backoff: every channel is subscribed
+      again and presence re-registered before ``connected`` turns True.
     """
 
     def __init__(
@@ -126,50 +101,43 @@ class RedisBroker(EnvelopeReceiver):
     ) -> None:
         check_timing(heartbeat_interval, presence_ttl, reconnect_max_delay,
                      health_check_interval)
-        self._keys = Keys(prefix)
-        self._url = url
+        self._keys = Keys(prefix, cluster=isinstance(url, str) and is_cluster_url(url))
+        self._transport = transport_for(url, socket_timeout=socket_timeout,
+                                        health_check_interval=health_check_interval)
         self._safe_url = redact_url(url)
-        self._client = make_client(url, socket_timeout)
-        self._pipeliner = Pipeliner(self._client, socket_timeout)
-        self._publish_link = PublishLink(self._client, socket_timeout)
         self._heartbeat_interval = float(heartbeat_interval)
         self._presence_ttl = float(presence_ttl)
         self._reconnect_max_delay = float(reconnect_max_delay)
-        self._socket_timeout = float(socket_timeout)
-        self._health_check_interval = float(health_check_interval)
+        self._timeout = float(socket_timeout)
 
         self._node: NodeId | None = None
         self._deliver: Deliver | None = None
+        self._started = False
         self._closed = False
-        self._connected = False
-        self._listener: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
-        # Subscriptions: the rooms the hub wants, and those sent on the current link.
-        self._desired: set[Room] = set()
-        self._subscribed: set[Room] = set()
-        self._sub_lock = asyncio.Lock()
-        self._conn: AbstractConnection | None = None
-        self._confirmations: dict[bytes, asyncio.Future[None]] = {}
+        self._rooms: set[Room] = set()
+        """Rooms with local members: their envelopes are delivered, others dropped."""
+        self._trouble = asyncio.Event()
+        """Set when channels stopped being subscribed: the supervisor repairs."""
+        self._lost = False
+        """A link was lost and is not restored yet."""
+        self._failing: dict[str, tuple[str, str]] = {}
+        """Failure domain -> (a route in it, why): publishes there fail fast."""
 
         # This node's presence, re-applied whenever Redis may have lost or missed some.
         self._presence: dict[Room, set[ConnectionId]] = {}
         self._presence_dirty = False
         self._last_warning: dict[str, float] = {}
-
-        self._publish_down: str | None = None
-        """Why publishes fail fast, from a failed publish until the next heartbeat."""
-
-        self.published = 0
-        self.received = 0
-        self.dropped = 0
-        self.publish_failures = 0
-        self.reconnects = 0
+        self.stats = BrokerStats()
+        """Counters, read by metrics; ``reconnects`` counts lost links restored."""
 
     @property
     def connected(self) -> bool:
-        """True while the pub/sub link is up and subscribed."""
-        return self._connected
+        """True while every channel this node needs is subscribed on a live link."""
+        return self._started and not self._closed and not self._lost
 
     @property
     def has_peers(self) -> bool:
@@ -184,206 +152,192 @@ class RedisBroker(EnvelopeReceiver):
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self, node_id: NodeId, deliver: Deliver) -> None:
-        """Connect, subscribe to this node's and the everyone channel, register, listen.
+        """Connect, subscribe this node's and the everyone channel, register, listen.
 
-        Raises BrokerError if Redis cannot be reached now, so a bad URL fails fast.
+        Raises BrokerError if Redis cannot be reached now, so a bad URL fails fast; the
+        broker is closed then (make a new one to try again).
         """
         if self._closed:
             raise BrokerError("this RedisBroker is closed; create a new one")
         if self._node is not None:
             raise BrokerError(f"this RedisBroker is already started as node {self._node}")
-        self._node = validate_node_id(node_id)
+        node = self._node = validate_node_id(node_id)
         self._deliver = deliver
+        listener = Listener(self._on_message, self._on_unsubscribed)
         try:
-            conn = await self._open_pubsub()
-            try:
-                await self._heartbeat()
-                await self._publish_link.connect()
-            except BaseException:
-                await self._drop_link(conn)
-                raise
-        except TRANSPORT_ERRORS as exc:
+            await self._transport.start(
+                listener, [self._keys.node_channel(node), self._keys.all_channel]
+            )
+            await self._heartbeat()
+        except BaseException as exc:
+            await self.close()
             self._node = None
             self._deliver = None
-            raise BrokerError(f"cannot start: {describe_failure(exc, self._url)}") from exc
-        self._connected = True
-        self._listener = asyncio.create_task(self._listen(conn), name="roomcast-redis-listener")
+            if isinstance(exc, REDIS_ERRORS):
+                raise BrokerError(f"cannot start: {self._transport.describe(exc)}") from exc
+            raise
+        self._started = True
         self._heartbeat_task = asyncio.create_task(
-            self._heartbeat_loop(), name="roomcast-redis-heartbeat"
-        )
-        log.info("node %s joined Redis at %s (prefix %r)", node_id, self._safe_url,
+            self._heartbeat_loop(), name="roomcast-redis-heartbeat")
+        self._supervisor = asyncio.create_task(self._supervise(), name="roomcast-redis-supervisor")
+        log.info("node %s joined Redis at %s (prefix %r)", node, self._safe_url,
                  self._keys.prefix)
 
     async def close(self) -> None:
-        """Withdraw this node's presence, stop the tasks, close connections; idempotent."""
+        """Withdraw this node's presence, stop the tasks, close connections; idempotent.
+
+        Bounded whatever Redis does (down, frozen, failing over): background tasks are
+        cancelled first, and each step gives up after the socket timeout or twice it.
+        """
         if self._closed:
             return
         self._closed = True
-        tasks = [t for t in (self._listener, self._heartbeat_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(
+            [self._supervisor, self._heartbeat_task, *self._probes.values()], self._timeout
+        )
         node = self._node
-        if node is not None:
+        if node is not None and self._started:
             try:
-                await self._pipeliner.execute(
-                    ("EVAL", _WITHDRAW_LUA, 1, self._keys.nodes, node,
-                     self._keys.presence_prefix, self._keys.node_rooms(node))
-                )
-            except TRANSPORT_ERRORS as exc:
+                async with asyncio.timeout(2 * self._timeout):
+                    await call(self._transport, self._keys.nodes,
+                               scripts.withdraw(self._keys, node))
+            except REDIS_ERRORS as exc:
                 log.warning(
                     "could not withdraw node %s's presence (%s); peers remove it within %.1f s",
-                    node, describe_failure(exc, self._url),
+                    node, self._transport.describe(exc),
                     self._presence_ttl + self._heartbeat_interval,
                 )
-        await self._pipeliner.drain()
-        await self._publish_link.close()
-        if self._conn is not None:
-            await self._drop_link(self._conn)
+        await self._transport.close()
         self._presence.clear()
-        self._desired.clear()
-        self._connected = False
-        with contextlib.suppress(*TRANSPORT_ERRORS):
-            await self._client.aclose()  # can time out if Redis is frozen
+        self._rooms.clear()
 
     # -- publishing ------------------------------------------------------------------
 
     async def publish(self, envelope: Envelope) -> None:
-        """PUBLISH ``envelope`` on its one channel, pipelined with concurrent publishes.
+        """Publish ``envelope`` on its one channel, pipelined with concurrent publishes.
 
-        The command is written before this first suspends (``PublishLink``), so it leaves
-        ahead of the local members' writes the hub queued just before. Raises
-        PublishError (and counts it) if Redis did not take it.
+        On one server the command is written before this first suspends, so it leaves
+        ahead of the local members' writes the hub queued just before; on a cluster it
+        is pipelined per master. Raises PublishError (and counts it) if Redis did not
+        take it, or at once while the channel's part of Redis is failing.
         """
         self._require_running()
-        if self._publish_down is not None:
-            # Redis failed the last publish: fail at once until a heartbeat gets through,
-            # rather than making every caller wait out the socket timeout (a frozen Redis
-            # would otherwise stall each handler that awaits its broadcast).
-            self.publish_failures += 1
-            raise PublishError(self._publish_down)
+        channel = self._keys.channel_for(envelope)
+        if self._failing:
+            failing = self._failing.get(self._transport.failure_domain(channel))
+            if failing is not None:
+                self.stats.publish_failures += 1
+                raise PublishError(failing[1])
         try:
-            await publish_bytes(
-                self._publish_link, self._url, self._keys.channel_for(envelope),
-                encode(envelope),
-            )
-        except PublishError as exc:
-            self.publish_failures += 1
-            self._publish_down = f"{exc} (failing fast until Redis answers a heartbeat)"
+            await self._transport.publish(channel, encode(envelope))
+        except REDIS_ERRORS as exc:
+            self.stats.publish_failures += 1
+            reason = self._transport.describe(exc)
+            self._failing[self._transport.failure_domain(channel)] = (
+                channel, f"{reason} (failing fast until it answers again, checked with "
+                         "each heartbeat)")
             self._warn("publish", "cross-node publish failed (%d so far): %s",
-                       self.publish_failures, exc)
-            raise
-        self.published += 1
+                       self.stats.publish_failures, reason)
+            raise PublishError(reason) from exc
+        self.stats.published += 1
 
     # -- subscriptions ---------------------------------------------------------------
 
     async def subscribe(self, room: Room) -> None:
         """Receive ``room``'s envelopes; returns once Redis confirmed (or the link is down)."""
         room = validate_room(room)
-        self._desired.add(room)
-        await self._sync_subscriptions()
-        waiter = self._confirmations.get(self._keys.room_channel(room).encode())
-        if waiter is not None:
-            await asyncio.wait([waiter], timeout=self._socket_timeout)
+        self._rooms.add(room)
+        await self._transport.subscribe(self._keys.room_channel(room))
 
     async def unsubscribe(self, room: Room) -> None:
         """Stop receiving ``room``'s envelopes; late ones still in flight are ignored."""
         room = validate_room(room)
-        self._desired.discard(room)
-        await self._sync_subscriptions()
-
-    async def _sync_subscriptions(self) -> None:
-        # The desired set was updated before this call, so whatever order the lock is
-        # granted in, the link ends up matching the latest call for every room.
-        async with self._sub_lock:
-            conn = self._conn
-            if conn is None or not conn.is_connected:
-                return  # the listener re-subscribes every desired room on reconnect
-            add = self._desired - self._subscribed
-            drop = self._subscribed - self._desired
-            try:
-                if drop:
-                    self._subscribed -= drop
-                    await conn.send_command(
-                        "UNSUBSCRIBE", *(self._keys.room_channel(r) for r in drop),
-                        check_health=False,
-                    )
-                if add:
-                    channels = [self._keys.room_channel(r) for r in add]
-                    loop = asyncio.get_running_loop()
-                    for channel in channels:
-                        self._confirmations.setdefault(channel.encode(), loop.create_future())
-                    self._subscribed |= add
-                    await conn.send_command("SUBSCRIBE", *channels, check_health=False)
-            except TRANSPORT_ERRORS as exc:
-                # the send closed the link; the listener sees it and restores everything
-                log.debug("subscription change not sent: %s", exc)
+        self._rooms.discard(room)
+        await self._transport.unsubscribe(self._keys.room_channel(room))
 
     # -- presence --------------------------------------------------------------------
+
+    async def add_presence(self, room: Room, connection: ConnectionId) -> None:
+        """Record ``connection`` in ``room``; never raises for Redis being down."""
+        node = self._require_running()
+        room = validate_room(room)
+        owner = node_of(connection)
+        if owner != node:
+            raise ValueError(f"connection {connection} belongs to node {owner}, not {node}")
+        self._presence.setdefault(room, set()).add(connection)
+        await self._write_presence(
+            ("HSET", self._keys.presence(room), connection, node),
+            ("SADD", self._keys.node_rooms(node), room),
+        )
+
+    async def remove_presence(self, connection: ConnectionId, rooms: Iterable[Room]) -> None:
+        """Withdraw ``connection`` from ``rooms``; never raises for Redis being down."""
+        node = self._node
+        commands: list[Command] = []
+        for room in rooms:
+            members = self._presence.get(room)
+            if members is not None:
+                members.discard(connection)
+                if not members:
+                    del self._presence[room]
+            commands.append(("HDEL", self._keys.presence(room), connection))
+            if node is not None and room not in self._presence:
+                commands.append(("SREM", self._keys.node_rooms(node), room))
+        if commands and node is not None and not self._closed:
+            await self._write_presence(*commands)
 
     async def room_members(self, room: Room) -> set[ConnectionId]:
         """Every connection in ``room`` on a live node; BrokerError if Redis is unreachable."""
         if self._closed:
             raise BrokerError("this RedisBroker is closed")
-        return await read_room_members(
-            self._client, self._keys, validate_room(room), self._presence_ttl, self._url
-        )
-
-    async def _presence_changed(self, *commands: Command) -> None:
-        if not self._connected:
-            # Redis is known to be away: don't make the hub wait for a timeout; the
-            # reconnect re-applies the whole local mirror anyway.
-            self._presence_dirty = True
-            return
-        await self._write_presence(*commands)
+        try:
+            return await scripts.room_members(
+                self._transport, self._keys, validate_room(room), self._presence_ttl)
+        except REDIS_ERRORS as exc:
+            raise BrokerError(self._transport.describe(exc)) from exc
 
     async def _write_presence(self, *commands: Command) -> None:
+        if self._presence_dirty:
+            # Redis failed lately: don't make the hub wait for a timeout; the next
+            # heartbeat re-applies the whole local mirror anyway
+            return
         try:
-            replies = await self._pipeliner.execute(*commands)
-        except TRANSPORT_ERRORS as exc:
+            replies = await self._transport.execute(self._keys.nodes, *commands)
+        except REDIS_ERRORS as exc:
             replies = [exc]
         failure = next((r for r in replies if isinstance(r, Exception)), None)
         if failure is not None:
-            # remembered, and re-applied in full by the heartbeat or the reconnect
             self._presence_dirty = True
             self._warn("presence", "presence write deferred: %s",
-                       describe_failure(failure, self._url))
+                       self._transport.describe(failure))
 
-    async def _resync_presence(self) -> None:
+    async def _resync_presence(self, node: NodeId) -> None:
         """Replace this node's presence in Redis by the local mirror, atomically."""
-        node = self._require_running()
         self._presence_dirty = False
-        pairs: list[str] = []
-        for room, members in self._presence.items():
-            for connection in members:
-                pairs += (room, connection)
-        await self._write_presence(
-            ("EVAL", _RESYNC_LUA, 0, node, self._keys.presence_prefix,
-             self._keys.node_rooms(node), *pairs)
-        )
+        await self._write_presence(scripts.resync(self._keys, node, self._presence))
 
     async def _heartbeat(self) -> None:
-        """Refresh this node's score, sweep dead nodes, re-register if we were swept."""
+        """Refresh this node's score, sweep dead nodes, re-sync presence if needed.
+
+        Raises what the transport raises, so the caller knows the beat failed.
+        """
         node = self._require_running()
-        # through the pipeliner, so a beat still in flight can't land after close()'s
+        # through the pipeline, so a beat still in flight can't land after close()'s
         # withdrawal and bring a closed node back
-        (reply,) = await self._pipeliner.execute(
-            ("EVAL", _HEARTBEAT_LUA, 1, self._keys.nodes, node, repr(self._presence_ttl),
-             self._keys.presence_prefix, self._keys.node_rooms_prefix)
-        )
-        if isinstance(reply, Exception):
-            raise reply
-        added, dead = reply
-        self._publish_down = None  # Redis answers again: publishes may try again
+        added, dead = await call(
+            self._transport, self._keys.nodes,
+            scripts.heartbeat(self._keys, node, self._presence_ttl))
+        # the presence slot answers again: publishes there may try again
+        self._failing.pop(self._transport.failure_domain(self._keys.nodes), None)
         if dead:
             log.info("removed the presence of dead nodes %s",
-                     ", ".join(as_text(n) for n in dead))
+                     ", ".join(scripts.as_text(n) for n in dead))
         if added and self._presence:
-            log.info("node %s was missing from Redis (swept or Redis restarted); "
+            log.info("node %s was missing from Redis (swept, restarted or failed over); "
                      "re-registering its presence", node)
-            await self._resync_presence()
+            await self._resync_presence(node)
         elif self._presence_dirty:
-            await self._resync_presence()
+            await self._resync_presence(node)
 
     async def _heartbeat_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -394,9 +348,11 @@ class RedisBroker(EnvelopeReceiver):
             await asyncio.sleep(max(0.0, next_beat - loop.time()))
             try:
                 await self._heartbeat()
-            except TRANSPORT_ERRORS as exc:
+            except REDIS_ERRORS as exc:
+                # Redis may lose recent writes (restart, failover): re-apply them all
+                self._presence_dirty = True
                 if not failing:
-                    log.warning("heartbeat failed: %s", describe_failure(exc, self._url))
+                    log.warning("heartbeat failed: %s", self._transport.describe(exc))
                 failing = True
             except Exception:
                 # a bug here must not silently stop the beats: peers would sweep us
@@ -406,132 +362,154 @@ class RedisBroker(EnvelopeReceiver):
                 if failing:
                     log.info("heartbeat to %s works again", self._safe_url)
                 failing = False
+            self._probe_failing()
             next_beat = max(next_beat, loop.time() - self._heartbeat_interval)
 
-    # -- listening -------------------------------------------------------------------
+    def _probe_failing(self) -> None:
+        """PING each part of Redis publishes fail fast for, unless a PING is on its way."""
+        for domain, (route, _) in self._failing.items():
+            probe = self._probes.get(domain)
+            if probe is None or probe.done():
+                self._probes[domain] = asyncio.create_task(
+                    self._probe(domain, route), name="roomcast-redis-probe")
 
-    async def _open_pubsub(self) -> AbstractConnection:
-        """A new pub/sub link, subscribed to this node's, everyone's and desired rooms."""
-        node = self._require_running()
-        conn = await open_connection(self._client)
+    async def _probe(self, domain: str, route: str) -> None:
         try:
-            async with self._sub_lock:
-                rooms = set(self._desired)
-                channels = [self._keys.node_channel(node), self._keys.all_channel]
-                channels += (self._keys.room_channel(r) for r in rooms)
-                await conn.send_command("SUBSCRIBE", *channels, check_health=False)
-                pending = {c.encode() for c in channels}
-                while pending:
-                    reply = await conn.read_response(disconnect_on_error=False)
-                    if reply[0] == b"subscribe":
-                        pending.discard(reply[1])
-                    else:
-                        self._on_reply(reply)
-                self._conn = conn
-                self._subscribed = rooms
-        except BaseException:
-            await _disconnect(conn)
-            raise
-        return conn
+            await call(self._transport, route, ("PING",))
+        except REDIS_ERRORS:
+            return  # still failing; the next heartbeat probes again
+        self._failing.pop(domain, None)
 
-    async def _listen(self, conn: AbstractConnection | None) -> None:
-        """Read the pub/sub link for ever; reconnect with backoff whenever it breaks."""
-        while True:
-            if conn is None:
-                conn = await self._reconnect()
-            try:
-                await self._read(conn)
-            except asyncio.CancelledError:
-                raise
-            except TRANSPORT_ERRORS as exc:
-                log.warning("lost the pub/sub link to %s (%s); reconnecting",
-                            self._safe_url, exc or type(exc).__name__)
-            except Exception:
-                log.exception("pub/sub listener failed; reconnecting")
-            finally:
-                await self._drop_link(conn)
-            conn = None
+    # -- receiving and re-subscribing ------------------------------------------------
 
-    async def _read(self, conn: AbstractConnection) -> None:
-        """Hand every reply to _on_reply; PING when idle, give up when the PING goes unanswered."""
-        loop = asyncio.get_running_loop()
-        idle, pong_wait = self._health_check_interval, self._socket_timeout
-        awaiting_pong = False
-        while True:
-            try:
-                async with asyncio.timeout(None) as deadline:
-                    while True:
-                        # Re-arm the idle timer only once half of it is used up: one timer
-                        # per interval rather than one per message.
-                        limit = pong_wait if awaiting_pong else idle
-                        now, when = loop.time(), deadline.when()
-                        if when is None or when - now < limit / 2:
-                            deadline.reschedule(now + limit)
-                        reply = await conn.read_response(
-                            timeout=math.inf, disconnect_on_error=False
-                        )
-                        awaiting_pong = False  # any reply proves the server alive
-                        self._on_reply(reply)
-            except TimeoutError:
-                if awaiting_pong:
-                    raise TimeoutError(
-                        f"no answer to PING within {pong_wait} s; is Redis frozen?"
-                    ) from None
-                await conn.send_command("PING", check_health=False)
-                awaiting_pong = True
+    def _on_message(self, data: bytes) -> None:
+        try:
+            envelope = decode(data)
+        except EnvelopeError as exc:
+            self.stats.dropped += 1
+            self._warn("dropped", "dropped an invalid envelope from Redis (%d so far): %s",
+                       self.stats.dropped, exc)
+            return
+        except Exception:
+            # anyone can publish on our channels: a decoder bug must not kill the link
+            self.stats.dropped += 1
+            log.exception("dropped an envelope the decoder choked on (%d so far)",
+                          self.stats.dropped)
+            return
+        if envelope.origin and envelope.origin == self._node:
+            return  # our own publish: the hub already delivered it locally
+        if envelope.kind is Kind.ROOM and envelope.target not in self._rooms:
+            return  # in flight when the room's last local member left
+        self.stats.received += 1
+        if self._deliver is None:
+            return
+        try:
+            self._deliver(envelope)
+        except Exception:
+            log.exception("deliver callback raised for a %s envelope; listener goes on",
+                          envelope.kind.name)
 
-    async def _reconnect(self) -> AbstractConnection:
-        attempt = 0
+    def _on_unsubscribed(self, channels: Collection[str], lost: bool) -> None:
+        if self._closed:
+            return
+        if lost:
+            self._lost = True
+            self._presence_dirty = True  # Redis may have restarted or failed over
+        self._trouble.set()
+
+    async def _supervise(self) -> None:
+        """Whenever channels stopped being subscribed: repair until every one is back."""
         while True:
-            await asyncio.sleep(self._backoff(attempt))
-            attempt += 1
-            try:
-                conn = await self._open_pubsub()
-            except TRANSPORT_ERRORS as exc:
-                log.warning("reconnect attempt %d to %s failed: %s", attempt, self._safe_url,
-                            exc or type(exc).__name__)
-                continue
-            # Redis may have restarted empty: register the node and re-apply all its
-            # presence; if that fails now, the heartbeat loop retries (still dirty).
-            self._presence_dirty = True
-            try:
-                await self._heartbeat()
-            except TRANSPORT_ERRORS as exc:
-                log.warning("could not re-register presence after reconnect: %s",
-                            describe_failure(exc, self._url))
-            self.reconnects += 1
-            self._connected = True
-            log.info("pub/sub link to %s restored after %d attempt(s), %d room(s) "
-                     "re-subscribed", self._safe_url, attempt, len(self._subscribed))
-            return conn
+            await self._trouble.wait()
+            attempt = 0
+            warned = False
+            restored: set[str] = set()
+            while True:
+                self._trouble.clear()
+                if attempt or self._lost:
+                    # a lost link may mean every node lost it: jitter, don't stampede
+                    await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+                try:
+                    channels, complete = await self._transport.repair()
+                except REDIS_ERRORS as exc:
+                    complete = False
+                    if not warned:
+                        log.warning("re-subscribing at %s: %s; retrying", self._safe_url,
+                                    self._transport.describe(exc))
+                        warned = True
+                except Exception:
+                    # a bug here must not stop the repairs for good
+                    complete = False
+                    if not warned:
+                        log.exception("re-subscribing failed unexpectedly; retrying")
+                        warned = True
+                else:
+                    restored |= channels
+                if self._closed:
+                    return  # a repair that outlived close(): stop here
+                if complete and not self._trouble.is_set():  # nothing new went wrong
+                    break
+            self.stats.resubscribes += len(restored)
+            if self._lost:
+                await self._recovered(attempt, len(restored))
+
+    async def _recovered(self, attempts: int, channels: int) -> None:
+        """Every channel is back after a lost link: re-register, then report connected."""
+        try:
+            await self._heartbeat()  # re-applies the whole mirror: presence is dirty
+        except REDIS_ERRORS as exc:
+            log.warning("could not re-register presence after reconnecting: %s; the "
+                        "heartbeat retries", self._transport.describe(exc))
+        except Exception:
+            log.exception("re-registering presence after reconnecting failed; the "
+                          "heartbeat retries")
+        if self._trouble.is_set():
+            return  # lost again meanwhile: the supervisor goes on
+        self._lost = False
+        self.stats.reconnects += 1
+        log.info("pub/sub link to %s restored after %d attempt(s), %d channel(s) "
+                 "re-subscribed", self._safe_url, attempts, channels)
 
     def _backoff(self, attempt: int) -> float:
         """Capped exponential delay with jitter, so restarted nodes don't stampede Redis."""
         ceiling = min(self._reconnect_max_delay, _FIRST_RECONNECT_DELAY * 2.0 ** min(attempt, 30))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
-    async def _drop_link(self, conn: AbstractConnection) -> None:
-        if self._conn is conn:
-            self._conn = None
-            self._subscribed = set()
-        self._connected = False
-        for waiter in self._confirmations.values():
-            if not waiter.done():
-                waiter.set_result(None)
-        self._confirmations.clear()
-        await _disconnect(conn)
+    # -- helpers ---------------------------------------------------------------------
 
-    def _on_reply(self, reply: Any) -> None:
-        kind = reply[0]
-        if kind == b"message":
-            self._on_message(reply[2])
-        elif kind == b"subscribe":
-            waiter = self._confirmations.pop(reply[1], None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+    def _require_running(self) -> NodeId:
+        if self._closed:
+            raise BrokerError("this RedisBroker is closed")
+        if self._node is None:
+            raise BrokerError("this RedisBroker is not started; call start() first")
+        return self._node
+
+    def _warn(self, topic: str, message: str, *args: object) -> None:
+        # an outage fails every call; one warning per second per topic is enough
+        now = time.monotonic()
+        if now - self._last_warning.get(topic, -_WARN_EVERY) >= _WARN_EVERY:
+            self._last_warning[topic] = now
+            log.warning(message, *args)
 
 
+def check_positive(name: str, value: float) -> None:
+    """TypeError unless ``value`` is a number, ValueError unless it is > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
 
-async def _disconnect(conn: AbstractConnection) -> None:
-    with contextlib.suppress(*TRANSPORT_ERRORS):
-        await conn.disconnect(nowait=True)
+
+def check_timing(heartbeat_interval: float, presence_ttl: float, reconnect_max_delay: float,
+                 health_check_interval: float) -> None:
+    """The timing settings of a RedisBroker, checked before anything is made."""
+    check_positive("heartbeat_interval", heartbeat_interval)
+    check_positive("presence_ttl", presence_ttl)
+    check_positive("reconnect_max_delay", reconnect_max_delay)
+    check_positive("health_check_interval", health_check_interval)
+    if presence_ttl <= heartbeat_interval:
+        raise ValueError(
+            f"presence_ttl ({presence_ttl}) must exceed heartbeat_interval "
+            f"({heartbeat_interval}), or live nodes would be swept between heartbeats"
+        )

@@ -1,7 +1,7 @@
 """Prometheus metrics at ``GET /metrics``: the hub's and the broker's counters.
 
 The hot path never calls prometheus_client: the hub and the broker count in plain ints
-(``HubStats``, ``RedisBroker.published`` ...). ``NodeMetrics.sync`` pushes what changed
+(``HubStats``, the broker's ``BrokerStats``). ``NodeMetrics.sync`` pushes what changed
 since the last sync into prometheus_client metrics; only the delivery latency histogram
 is observed as it happens, once per envelope from another node.
 
@@ -38,7 +38,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from roomcast.broker import Broker
+from roomcast.broker import Broker, BrokerStats
 from roomcast.node.health import BrokerHealth, BrokerState
 from roomcast.node.hub import Hub, HubStats
 
@@ -57,10 +57,9 @@ REFUSAL_REASONS: Final = ("full", "origin", "handshake", "draining")
 _Reader = Callable[[HubStats, Broker], int]
 
 
-def _broker_int(name: str) -> _Reader:
+def _broker(count: Callable[[BrokerStats], int]) -> _Reader:
     def read(_: HubStats, broker: Broker) -> int:
-        value = getattr(broker, name, 0)  # MemoryBroker has fewer counters than Redis
-        return value if isinstance(value, int) else 0
+        return count(broker.stats)
 
     return read
 
@@ -90,19 +89,19 @@ _COUNTERS: Final[dict[str, tuple[str, _Reader]]] = {
     "roomcast_broadcasts": (
         "Room broadcasts and broadcasts to everyone made on this node.", _stat("broadcasts")),
     "roomcast_envelopes_published": (
-        "Envelopes published to other nodes.", _broker_int("published")),
+        "Envelopes published to other nodes.", _broker(lambda s: s.published)),
     "roomcast_envelopes_received": (
         "Envelopes received from other nodes and delivered locally.",
         _stat("envelopes_received")),
     "roomcast_envelopes_dropped": (
         "Envelopes from the broker dropped because they did not decode or validate.",
-        _broker_int("dropped")),
+        _broker(lambda s: s.dropped)),
     "roomcast_broker_publish_failures": (
         "Cross-node publishes the broker could not make (the caller got PublishError).",
-        _broker_int("publish_failures")),
+        _broker(lambda s: s.publish_failures)),
     "roomcast_broker_reconnects": (
         "Times the broker's subscription link was re-established.",
-        _broker_int("reconnects")),
+        _broker(lambda s: s.reconnects)),
     "roomcast_slow_consumer_disconnects": (
         "Connections cut off because they did not read fast enough (close 1008).",
         _stat("slow_consumers")),

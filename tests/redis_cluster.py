@@ -105,9 +105,8 @@ class LocalRedisCluster:
     # -- topology -------------------------------------------------------------------
 
     def client(self, port: int) -> redis.Redis:
-        """A synchronous plain client of the node on ``port``."""
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5,
-                           socket_connect_timeout=5)
+        """A synchronous plain client of the node on ``port`` (with its password, if set)."""
+        return self.server(port).client()
 
     def running_ports(self) -> list[int]:
         """Ports of the processes that are alive now."""

@@ -1,18 +1,23 @@
-"""Broker test fixtures: a private redis-server per test, and started RedisBrokers."""
+"""Broker test fixtures: a private redis-server or Redis Cluster per test, and brokers on it.
+
+``backend`` runs a test once per transport: ``[redis]`` on a fresh redis-server,
+``[cluster]`` on a 3-master cluster shared by the package's tests (a fresh prefix per
+test). Tests that kill, freeze or reconfigure Redis take ``own_backend``: a fresh server
+or cluster of their own.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from roomcast.broker.redis import RedisBroker
-from roomcast.shared.ids import NodeId
-from tests.broker.helpers import Inbox, Node
+from tests.broker.helpers import Backend
+from tests.redis_cluster import LocalRedisCluster
 from tests.redis_server import RedisServer
 
-MakeNode = Callable[..., Awaitable[Node]]
+TRANSPORTS = ["redis", "cluster"]
 
 
 @pytest.fixture
@@ -32,22 +37,36 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest.fixture
-async def make_node(redis_url: str) -> AsyncIterator[MakeNode]:
-    """Start RedisBrokers as nodes (``make_node("a", prefix=..., ...)``); all closed after."""
-    nodes: list[Node] = []
+@pytest.fixture(scope="package")
+def shared_cluster() -> Iterator[LocalRedisCluster]:
+    """One 3-master cluster for the tests of this package that do not break it."""
+    with LocalRedisCluster(masters=3) as local:
+        yield local
 
-    async def make(node_id: str, *, url: str | None = None, **options: Any) -> Node:
-        options.setdefault("heartbeat_interval", 0.1)
-        options.setdefault("presence_ttl", 0.5)
-        options.setdefault("reconnect_max_delay", 0.5)
-        broker = RedisBroker(url or redis_url, **options)
-        inbox = Inbox()
-        await broker.start(NodeId(node_id), inbox)
-        node = Node(broker, inbox)
-        nodes.append(node)
-        return node
 
-    yield make
-    for node in reversed(nodes):
-        await node.broker.close()
+@contextlib.asynccontextmanager
+async def _backend(request: pytest.FixtureRequest, own: bool) -> AsyncIterator[Backend]:
+    """The Redis of the transport the test is parametrized with; its brokers closed after."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "cluster":
+            local = (stack.enter_context(LocalRedisCluster(masters=3)) if own
+                     else request.getfixturevalue("shared_cluster"))
+            made = Backend("cluster", local.servers, local)
+        else:
+            made = Backend("redis", [request.getfixturevalue("redis_server")])
+        stack.push_async_callback(made.close)  # before the cluster stops
+        yield made
+
+
+@pytest.fixture(params=TRANSPORTS)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """This test's Redis, once per transport; brokers made on it are closed after."""
+    async with _backend(request, own=False) as made:
+        yield made
+
+
+@pytest.fixture(params=TRANSPORTS)
+async def own_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """Like ``backend``, on a server or cluster of this test's own, free to break."""
+    async with _backend(request, own=True) as made:
+        yield made

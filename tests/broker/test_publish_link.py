@@ -9,7 +9,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from roomcast.broker._redis_common import PublishLink, make_client
+from roomcast.broker._single import PublishLink, make_client
 from tests.redis_server import RedisServer
 
 

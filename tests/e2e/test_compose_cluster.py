@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from roomcast.broker._cluster_common import parse_cluster_url
+from roomcast.broker._urls import parse_cluster_url
 from tests.e2e.haproxy import HAPROXY_CFG
 from tests.e2e.procs import REPO
 from tests.e2e.test_compose import (

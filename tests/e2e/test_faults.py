@@ -295,7 +295,7 @@ class LocalDeliveryStalled(AssertionError):
 
 
 SOCKET_TIMEOUT = 2.0
-"""broker._redis_common.DEFAULT_SOCKET_TIMEOUT: what one Redis call may wait."""
+"""broker._transport.DEFAULT_SOCKET_TIMEOUT: what one Redis call may wait."""
 STALL_BOUND = 2 * SOCKET_TIMEOUT + 0.5
 """A publish to a frozen Redis fails within two socket timeouts (connect + reply)."""
 

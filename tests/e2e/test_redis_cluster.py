@@ -15,7 +15,7 @@ import pytest
 from redis.crc import key_slot
 
 from roomcast.broker._keys import Keys
-from roomcast.broker.redis_cluster import RedisClusterBroker
+from roomcast.broker.redis import RedisBroker
 from roomcast.shared.envelope import Kind
 from roomcast.shared.errors import PublishError
 from roomcast.shared.ids import ConnectionId, NodeId, Room
@@ -31,6 +31,8 @@ PREFIX = "fo"
 FAST = {"heartbeat_interval": 0.2, "presence_ttl": 1.0, "reconnect_max_delay": 0.5}
 RESUME_DEADLINE = 30.0
 """Seconds within which delivery must resume after a master is killed (observed ~3 s)."""
+CLOSE_BOUND = 20.0
+"""Seconds within which closing one broker must return, whatever the cluster does."""
 
 
 @pytest.fixture
@@ -52,8 +54,8 @@ class Pair:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.a = RedisClusterBroker(url, prefix=PREFIX, **FAST)
-        self.b = RedisClusterBroker(url, prefix=PREFIX, **FAST)
+        self.a = RedisBroker(url, prefix=PREFIX, **FAST)
+        self.b = RedisBroker(url, prefix=PREFIX, **FAST)
         self.inbox = Inbox()
         self.sent = 0
 
@@ -63,8 +65,10 @@ class Pair:
         return self
 
     async def close(self) -> None:
-        await self.a.close()
-        await self.b.close()
+        # bounded whatever the cluster is doing (failing over, a master dead): issue 11
+        for broker in (self.a, self.b):
+            async with asyncio.timeout(CLOSE_BOUND):
+                await broker.close()
 
     async def publish_until_received(self, room: str, deadline: float) -> tuple[float, int]:
         """Publish numbered envelopes to ``room`` until ``b`` gets one; (when, failures)."""
@@ -86,7 +90,7 @@ class Pair:
         return all(
             task is not None and not task.done()
             for broker in brokers
-            for task in (broker._heartbeat_task, broker._subscriber._supervisor)
+            for task in (broker._heartbeat_task, broker._supervisor)
         )
 
 
@@ -136,8 +140,8 @@ async def test_killed_master_fails_over_and_room_delivery_resumes(
     assert failures >= 1  # publishes to the dead master were refused, not silently lost
 
     await eventually(lambda: pair.b.connected, timeout=10)
-    assert pair.b.reconnects >= 1 and pair.b.resubscribes >= 1
-    assert Keys(PREFIX).room_channel(room).encode() in pair.b._subscriber.links()[
+    assert pair.b.stats.reconnects >= 1 and pair.b.stats.resubscribes >= 1
+    assert Keys(PREFIX).room_channel(room).encode() in pair.b._transport.links()[
         f"127.0.0.1:{promoted_to}"
     ]
     assert pair.tasks_alive()
@@ -205,14 +209,14 @@ async def test_slot_migration_moves_subscription_and_publishes_follow_moved(
 
     resumed, failures = await pair.publish_until_received(room, moved + 10)
     await eventually(
-        lambda: channel.encode() in pair.b._subscriber.links().get(f"127.0.0.1:{target}", ())
+        lambda: channel.encode() in pair.b._transport.links().get(f"127.0.0.1:{target}", ())
     )
     with plain_cluster.client(target) as client:
         assert client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 1
     with plain_cluster.client(source) as client:
         assert client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] == 0
-    assert pair.b.resubscribes >= 1 and pair.b.reconnects == 0 and pair.b.connected
-    assert failures == 0 and pair.a.publish_failures == 0
+    assert pair.b.stats.resubscribes >= 1 and pair.b.stats.reconnects == 0 and pair.b.connected
+    assert failures == 0 and pair.a.stats.publish_failures == 0
     assert await pair.a.room_members(Room(room)) == {"b.1"}
     with plain_cluster.client(presence_target) as client:
         assert client.hgetall(keys.presence(room)) == {b"b.1": b"b"}
