@@ -47,14 +47,6 @@ class BrokerState(StrEnum):
     DISCONNECTED = "disconnected"
 
 
-def _counter(broker: object, name: str) -> int:
-    """A broker counter: from ``broker.stats`` where the broker has one, else the
-    attribute of that name (brokers without the counter count 0)."""
-    source = getattr(broker, "stats", broker)
-    value = getattr(source, name, 0)
-    return value if isinstance(value, int) else 0
-
-
 def _iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
 
@@ -79,9 +71,9 @@ class BrokerHealth:
 
     def _read_counters(self) -> tuple[bool, bool]:
         """(envelopes went out or came in, a publish failed) since the last read."""
-        broker = self.hub.broker
-        published = _counter(broker, "published")
-        failures = _counter(broker, "publish_failures")
+        stats = self.hub.broker.stats
+        published = stats.published
+        failures = stats.publish_failures
         received = self.hub.stats.envelopes_received
         flowed = published > self._published or received > self._received
         failed = failures > self._failures

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
+from roomcast.broker import BrokerStats
 from roomcast.node.health import RECENT, BrokerHealth, BrokerState, Drain
 from roomcast.node.hub import Hub
 
@@ -15,8 +16,7 @@ class FakeBroker:
     """Only what BrokerHealth reads: the connected flag and the publish counters."""
 
     connected: bool = True
-    published: int = 0
-    publish_failures: int = 0
+    stats: BrokerStats = field(default_factory=BrokerStats)
 
 
 class Clock:
@@ -60,7 +60,7 @@ def test_lost_link_while_envelopes_still_cross_is_degraded() -> None:
     broker = FakeBroker(connected=False)
     health, hub, clock = health_of(broker)
     clock.now += 1
-    broker.published += 1
+    broker.stats.published += 1
     assert health.sample() is BrokerState.DEGRADED
     clock.now += RECENT / 2
     hub.stats.envelopes_received += 1
@@ -74,31 +74,11 @@ def test_failing_publishes_on_a_live_link_are_degraded_until_they_stop() -> None
     no publish has failed for RECENT seconds."""
     broker = FakeBroker()
     health, _, clock = health_of(broker)
-    broker.publish_failures += 1
+    broker.stats.publish_failures += 1
     assert health.sample() is BrokerState.DEGRADED
     clock.now += RECENT + 0.1
     assert health.sample() is BrokerState.CONNECTED
     assert health.changes == 2
-
-
-def test_counters_are_read_from_a_stats_object_when_the_broker_has_one() -> None:
-    """Brokers that keep their counters in ``stats`` are read there."""
-
-    @dataclass
-    class Stats:
-        published: int = 0
-        publish_failures: int = 0
-
-    @dataclass
-    class StatsBroker:
-        connected: bool = True
-        stats: Stats | None = None
-
-    broker = StatsBroker(stats=Stats())
-    health, _, _ = health_of(broker)  # type: ignore[arg-type]
-    assert broker.stats is not None
-    broker.stats.publish_failures += 1
-    assert health.sample() is BrokerState.DEGRADED
 
 
 def test_drain_refuses_a_negative_notice() -> None:
