@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import zlib
@@ -42,6 +43,17 @@ if os.environ.get("BENCH_BEFORE"):
     # An older checkout (with this roomcast_node.py copied in) as the server "before",
     # to compare a change side by side: BENCH_BEFORE=/path/to/old/tree.
     SERVERS["before"] = Path(os.environ["BENCH_BEFORE"]) / "scripts/bench/roomcast_node.py"
+
+
+def _before_pythonpath(tree: Path) -> str:
+    """A PYTHONPATH on which ``tree``'s own packages win over the installed roomcast: a
+    ``roomcast`` folder of links to its node/, broker/, shared/ (trees since the packages
+    install as roomcast.*), then the tree itself (older trees import ``node`` etc.)."""
+    links = Path(tempfile.mkdtemp(prefix="roomcast-before-"))
+    (links / "roomcast").mkdir()
+    for name in ("node", "broker", "shared"):
+        (links / "roomcast" / name).symlink_to(tree.resolve() / name)
+    return os.pathsep.join([str(links), str(tree.resolve())])
 KEEPALIVE: Final = ("--ping-interval", "25")
 """Every server pings each client every 25 s (python-socketio's default) in the
 fan-out and latency workloads, so keepalive costs all of them alike."""
@@ -110,7 +122,13 @@ class Cluster:
                 port = free_port()
                 cmd = [sys.executable, str(SERVERS[self.server]), "--port", str(port),
                        "--redis", url, *self.extra]
-                self.procs.append(subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL))
+                env = None
+                if self.server == "before":
+                    # else the installed roomcast (this tree) would be what runs
+                    env = {**os.environ, "PYTHONPATH": _before_pythonpath(
+                        Path(os.environ["BENCH_BEFORE"]))}
+                self.procs.append(subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                                   env=env))
                 self.ports.append(port)
             for proc, port in zip(self.procs, self.ports, strict=True):
                 wait_for_port(port, proc, timeout=30)
