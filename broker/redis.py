@@ -34,9 +34,16 @@ from roomcast.broker._transport import (
     stop_tasks,
 )
 from roomcast.broker._urls import is_cluster_url, redact_url
-from roomcast.broker.base import BrokerStats, Deliver
+from roomcast.broker.base import (
+    BrokerStats,
+    Deliver,
+    Resumed,
+    check_history_publish,
+    check_history_read,
+)
 from roomcast.shared.envelope import Envelope, Kind, decode, encode
 from roomcast.shared.errors import BrokerError, EnvelopeError, PublishError
+from roomcast.shared.history import History, HistoryPage, Position
 from roomcast.shared.ids import (
     ConnectionId,
     NodeId,
@@ -112,6 +119,7 @@ class RedisBroker:
 
         self._node: NodeId | None = None
         self._deliver: Deliver | None = None
+        self._resumed: Resumed | None = None
         self._started = False
         self._closed = False
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -151,11 +159,15 @@ class RedisBroker:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, node_id: NodeId, deliver: Deliver) -> None:
+    async def start(
+        self, node_id: NodeId, deliver: Deliver, *, resumed: Resumed | None = None
+    ) -> None:
         """Connect, subscribe this node's and the everyone channel, register, listen.
 
-        Raises BrokerError if Redis cannot be reached now, so a bad URL fails fast; the
-        broker is closed then (make a new one to try again).
+        ``resumed`` gets the rooms whose subscription came back after a gap (a lost
+        link, a failover, a slot move), once they are subscribed again. Raises
+        BrokerError if Redis cannot be reached now, so a bad URL fails fast; the broker
+        is closed then (make a new one to try again).
         """
         if self._closed:
             raise BrokerError("this RedisBroker is closed; create a new one")
@@ -163,6 +175,7 @@ class RedisBroker:
             raise BrokerError(f"this RedisBroker is already started as node {self._node}")
         node = self._node = validate_node_id(node_id)
         self._deliver = deliver
+        self._resumed = resumed
         listener = Listener(self._on_message, self._on_unsubscribed)
         try:
             await self._transport.start(
@@ -213,7 +226,13 @@ class RedisBroker:
 
     # -- publishing ------------------------------------------------------------------
 
-    async def publish(self, envelope: Envelope) -> None:
+    async def publish(
+        self,
+        envelope: Envelope,
+        *,
+        history: History | None = None,
+        idempotency_key: str | None = None,
+    ) -> Position | None:
         """Publish ``envelope`` on its one channel, pipelined with concurrent publishes.
 
         On one server the command is written before this first suspends, so it leaves
@@ -222,6 +241,8 @@ class RedisBroker:
         take it, or at once while the channel's part of Redis is failing.
         """
         self._require_running()
+        if check_history_publish(envelope, history, idempotency_key) is not None:
+            raise BrokerError("history on Redis is not implemented yet")
         channel = self._keys.channel_for(envelope)
         if self._failing:
             failing = self._failing.get(self._transport.failure_domain(channel))
@@ -240,6 +261,15 @@ class RedisBroker:
                        self.stats.publish_failures, reason)
             raise PublishError(reason) from exc
         self.stats.published += 1
+        return None
+
+    async def read_history(
+        self, room: Room, history: History, *, since: int | None = None, limit: int = 100
+    ) -> HistoryPage:
+        """The room's position and messages after ``since``; see Broker.read_history."""
+        self._require_running()
+        check_history_read(room, history, since, limit)
+        raise BrokerError("history on Redis is not implemented yet")
 
     # -- subscriptions ---------------------------------------------------------------
 
