@@ -16,14 +16,15 @@ from types import TracebackType
 from typing import Self
 
 from roomcast.broker import _scripts as scripts
+from roomcast.broker._history import RedisHistory
 from roomcast.broker._keys import Keys
 from roomcast.broker._transport import DEFAULT_SOCKET_TIMEOUT, REDIS_ERRORS
 from roomcast.broker._urls import is_cluster_url
-from roomcast.broker.base import check_history_publish
+from roomcast.broker.base import check_history_publish, check_history_read
 from roomcast.broker.redis import check_positive, transport_for
 from roomcast.shared.envelope import Envelope, Kind, encode
 from roomcast.shared.errors import BrokerError, PublishError
-from roomcast.shared.history import HistoryPolicy, Position
+from roomcast.shared.history import HistoryPage, HistoryPolicy, Position
 from roomcast.shared.ids import ConnectionId, node_of, validate_room
 
 Data = str | bytes
@@ -68,9 +69,10 @@ class Publisher:
         check_positive("presence_ttl", presence_ttl)
         if history is not None and not isinstance(history, HistoryPolicy):
             raise TypeError(f"history must be a HistoryPolicy, got {type(history).__name__}")
-        self._history = history if history is not None else HistoryPolicy()
+        self._history_policy = history if history is not None else HistoryPolicy()
         self._keys = Keys(prefix, cluster=isinstance(url, str) and is_cluster_url(url))
         self._transport = transport_for(url, socket_timeout=socket_timeout)
+        self._history = RedisHistory(self._transport, self._keys)
         self._presence_ttl = float(presence_ttl)
         self._closed = False
         self.published = 0
@@ -94,13 +96,39 @@ class Publisher:
         ValueError). Raises PublishError when Redis did not take the message.
         """
         room = validate_room(room)
-        history = self._history.for_room(room)
+        history = self._history_policy.for_room(room)
         envelope = external_envelope(Kind.ROOM, room, data, exclude)
-        check_history_publish(envelope, history, idempotency_key)
+        history = check_history_publish(envelope, history, idempotency_key)
         if history is None:
             await self._send(envelope)
             return None
-        raise BrokerError("history on Redis is not implemented yet")
+        self._require_open()
+        try:
+            position, duplicate = await self._history.publish(envelope, history,
+                                                              idempotency_key)
+        except REDIS_ERRORS as exc:
+            self.publish_failures += 1
+            raise PublishError(self._transport.describe(exc)) from exc
+        if not duplicate:
+            self.published += 1
+        return position
+
+    async def room_history(
+        self, room: str, *, since: int | None = None, limit: int = 100
+    ) -> HistoryPage:
+        """The room's position and up to ``limit`` messages after offset ``since`` (None:
+        the latest), read from Redis as the nodes would (``Broker.read_history``).
+        ValueError for a room without history; BrokerError if Redis is unreachable."""
+        self._require_open()
+        room = validate_room(room)
+        history = self._history_policy.for_room(room)
+        if history is None:
+            raise ValueError(f"room {room!r} has no history in this Publisher's policy")
+        room = check_history_read(room, history, since, limit)
+        try:
+            return await self._history.read(room, history, since, limit)
+        except REDIS_ERRORS as exc:
+            raise BrokerError(self._transport.describe(exc)) from exc
 
     async def send_to_connection(self, connection_id: str, data: Data) -> None:
         """Send ``data`` to the one connection ``connection_id``, wherever it lives."""
@@ -129,6 +157,7 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
+        await self._history.close()
         await self._transport.close()
 
     async def __aenter__(self) -> Self:

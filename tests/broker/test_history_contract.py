@@ -23,7 +23,7 @@ from roomcast.shared.envelope import Envelope, Kind
 from roomcast.shared.errors import BrokerError
 from roomcast.shared.history import EPOCH, LIMIT, WINDOW, History, Position
 from roomcast.shared.ids import NodeId, Room
-from tests.broker.helpers import Inbox, envelope
+from tests.broker.helpers import Backend, Inbox, envelope
 
 R = Room("lobby")
 H = History(size=50, ttl=60)
@@ -89,20 +89,31 @@ class World:
             await made.broker.close()
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
     """This test's brokers: in process, or on a real Redis / Redis Cluster."""
     async with contextlib.AsyncExitStack() as stack:
         if request.param == "memory":
-            made = World("memory", lambda: None)  # type: ignore[arg-type,return-value]
-            bus = MemoryBus(clock=made.clock)
-            made._make = lambda: MemoryBroker(bus)
+            bus = MemoryBus()
+            made = World("memory", lambda: MemoryBroker(bus))
+            bus.clock = made.clock
 
             def forget(room: str) -> None:
                 made.clock.now += H.meta_ttl + 1  # the room's state expires
-            made.forget_room = forget
         else:
-            raise AssertionError(request.param)
+            if request.param == "cluster":
+                local = request.getfixturevalue("shared_cluster")
+                backend = Backend("cluster", local.servers, local)
+            else:
+                backend = Backend("redis", [request.getfixturevalue("redis_server")])
+            stack.push_async_callback(backend.close)
+            made = World(request.param, backend.broker)
+
+            def forget(room: str) -> None:
+                key = backend.keys.history_meta(room)
+                with backend.client(key) as client:  # as an eviction would
+                    assert client.delete(key) == 1
+        made.forget_room = forget
         stack.push_async_callback(made.close)
         yield made
 
