@@ -124,8 +124,10 @@ class Transport(Protocol):
         ...
 
     async def repair(self) -> tuple[frozenset[str], bool]:
-        """One attempt to subscribe every wanted channel that is not: the channels it
-        subscribed, and whether every wanted one is subscribed now. Raises on failure."""
+        """One attempt to subscribe every wanted channel that is not: the channels
+        subscribed again and confirmed since the last repair reported them (the broker
+        tells ``resumed`` about their rooms), and whether every wanted one is subscribed
+        now. Raises on failure."""
         ...
 
     async def close(self) -> None:
