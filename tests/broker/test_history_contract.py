@@ -67,6 +67,8 @@ class World:
         self.nodes: list[HNode] = []
         self.clock = FakeClock()
         self.forget_room: Callable[[str], None] = lambda room: None
+        self.stored: Callable[[str], int] = lambda room: 0
+        """How many messages of ``room`` are kept (Redis: XLEN of its stream)."""
 
     async def node(self, name: str) -> HNode:
         """A started broker as node ``name``."""
@@ -100,6 +102,8 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
 
             def forget(room: str) -> None:
                 made.clock.now += H.meta_ttl + 1  # the room's state expires
+
+            made.stored = lambda room: len(bus.histories[Room(room)].entries)
         else:
             if request.param == "cluster":
                 local = request.getfixturevalue("shared_cluster")
@@ -113,6 +117,13 @@ async def world(request: pytest.FixtureRequest) -> AsyncIterator[World]:
                 key = backend.keys.history_meta(room)
                 with backend.client(key) as client:  # as an eviction would
                     assert client.delete(key) == 1
+
+            def stored(room: str) -> int:
+                key = backend.keys.history_stream(room)
+                with backend.client(key) as client:
+                    return int(client.xlen(key))
+
+            made.stored = stored
         made.forget_room = forget
         stack.push_async_callback(made.close)
         yield made
@@ -226,7 +237,7 @@ async def test_history_reads_latest_and_since(world: World) -> None:
 
 async def test_history_is_trimmed_to_its_size(world: World) -> None:
     """Past ``size`` messages the oldest go: a position before them is not recoverable
-    (window), the newest ``size`` still are."""
+    (window), the newest ``size`` exactly still are, and what is stored stays bounded."""
     room = fresh_room()
     small = History(size=5, ttl=60)
     a = await world.node("aa")
@@ -238,6 +249,13 @@ async def test_history_is_trimmed_to_its_size(world: World) -> None:
     assert page.gap(Position(page.epoch, 6)) == WINDOW
     tail = await a.broker.read_history(room, small, since=7, limit=100)
     assert tail.gap(Position(tail.epoch, 7)) is None
+    latest = await a.broker.read_history(room, small, limit=100)
+    assert [e.offset for e in latest.envelopes] == [8, 9, 10, 11, 12] and not latest.more
+    await asyncio.gather(*(a.broker.publish(text(room, b"x"), history=small)
+                           for _ in range(300)))
+    page = await a.broker.read_history(room, small, since=300, limit=100)
+    assert [e.offset for e in page.envelopes] == [308, 309, 310, 311, 312]
+    assert world.stored(room) <= small.size + 100  # approximate trimming on Redis
 
 
 async def test_history_is_trimmed_by_age(world: World) -> None:
@@ -369,3 +387,19 @@ async def test_memory_link_loss_reports_the_subscribed_rooms_when_restored() -> 
     assert [e.payload for e in page.envelopes] == [b"missed", b"live"]
     await a.close()
     await b.close()
+
+
+@pytest.mark.parametrize("name", ["a{b}c", "{}", "x}", "{y", "chat:{1}:z", "ü {ö}"])
+async def test_room_names_with_braces_keep_history(world: World, name: str) -> None:
+    """Room names with braces (a Redis Cluster hash tag in the channel's name) still put
+    the room's keys and channel in one slot: publish, deliver and read all work."""
+    room = Room(f"{name}{next(_rooms)}")
+    a, b = await world.node("aa"), await world.node("bb")
+    await b.broker.subscribe(room)
+    first = await a.broker.publish(text(room, b"1"), history=H, idempotency_key="k")
+    second = await a.broker.publish(text(room, b"2"), history=H)
+    assert first is not None and second == Position(first.epoch, 2)
+    await b.wait_count(2, room)
+    assert b.positions(room) == [(first.epoch, 1), (first.epoch, 2)]
+    page = await b.broker.read_history(room, H, since=0)
+    assert [e.payload for e in page.envelopes] == [b"1", b"2"]
