@@ -3,8 +3,10 @@
 Per room with history (key names in ``broker/_keys.py``; one slot per room on a cluster):
 
 - the meta hash: ``e`` epoch, ``o`` top offset, ``r`` the identity of the Redis server
-  that wrote it last, ``d`` whether that server was durable then. Expires ``meta_ttl``
-  after the last publish (or after a read that made it).
+  that wrote it last, ``d`` whether that server was durable then, ``x`` when its TTL
+  was last set (ms, server clock). Expires ``meta_ttl`` after the last publish (its
+  TTL is refreshed once ``meta_ttl / 16`` has passed, not on every publish), or after
+  the read that made it.
 - the stream: one entry per message, auto id (Redis time), fields ``o`` offset and ``m``
   the complete envelope with its position. Trimmed approximately (``MAXLEN ~ size`` on
   every publish, ``MINID ~ now - ttl`` on every 16th: whole stream nodes, about 30%
@@ -79,7 +81,7 @@ local function room_position(meta, stream)
   local ident = run .. ':' .. string.match(repl, 'master_replid:(%w+)')
   local promoted = string.match(repl, 'second_repl_offset:(-?%d+)') ~= '-1'
   local durable = ARGV[2] == '1' and ARGV[3] == ident and not promoted
-  local m = redis.call('HMGET', meta, 'e', 'o', 'r', 'd')
+  local m = redis.call('HMGET', meta, 'e', 'o', 'r', 'd', 'x')
   local epoch, top, changed = m[1], tonumber(m[2]), false
   if not epoch or not top then
     epoch, top, changed = ARGV[5], 0, true
@@ -91,7 +93,7 @@ local function room_position(meta, stream)
     if not (m[4] == '1' and durable) then epoch = ARGV[5] end
     changed = true
   end
-  return epoch, top, ident, durable and '1' or '0', changed
+  return epoch, top, ident, durable and '1' or '0', changed, tonumber(m[5])
 end
 """
 
@@ -107,20 +109,22 @@ if ARGV[12] == '1' then
     return {e, tonumber(o), 1}
   end
 end
-local epoch, top, ident, durable = room_position(KEYS[1], KEYS[2])
+local epoch, top, ident, durable, changed, refreshed = room_position(KEYS[1], KEYS[2])
 if not epoch then return {'STALE'} end
 local offset = top + 1
 local o = string.format('%d', offset)
-redis.call('HSET', KEYS[1], 'e', epoch, 'o', o, 'r', ident, 'd', durable)
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
 local envelope = ARGV[8] .. cmsgpack.pack(epoch) .. cmsgpack.pack(offset)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'o', o, 'm', envelope)
-if offset % 16 == 0 then
-  local t = redis.call('TIME')
-  local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[10])
-  if cutoff > 0 then
-    redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', cutoff))
-  end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', 'o', o, 'm', envelope)
+local now = tonumber(string.match(id, '^(%d+)'))  -- the server's clock, in ms
+if changed or not refreshed or now - refreshed > tonumber(ARGV[6]) / 16 then
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', o, 'r', ident, 'd', durable,
+             'x', string.format('%d', now))
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+else
+  redis.call('HSET', KEYS[1], 'o', o, 'd', durable)
+end
+if offset % 16 == 0 and now > tonumber(ARGV[10]) then
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', now - tonumber(ARGV[10])))
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[10])
 redis.call(ARGV[11], ARGV[7], envelope)
@@ -306,7 +310,7 @@ class RedisHistory:
             if isinstance(reply, Exception):
                 raise reply
             if isinstance(reply, list) and len(reply) == 1 and _text(reply[0]) == "STALE":
-                durability = await self._probe(domain, route)
+                durability = await self._read_durability(domain, route)
                 may_stale = False
                 continue
             return reply
@@ -318,20 +322,22 @@ class RedisHistory:
         older than a second."""
         known = self._durability.get(domain)
         if known is None:
-            return await self._probe(domain, route)
+            return await self._read_durability(domain, route)
         if self._clock() - known.read_at > _DURABILITY_REFRESH:
-            probe = self._probes.get(domain)
-            if probe is None or probe.done():
-                self._probes[domain] = asyncio.create_task(
-                    self._background_probe(domain, route), name="roomcast-redis-durability")
+            self._probe_task(domain, route)
         return known
 
-    async def _background_probe(self, domain: str, route: str) -> Durability:
-        try:
-            return await self._probe(domain, route)
-        except REDIS_ERRORS as exc:
-            log.debug("reading Redis durability failed: %s", exc)
-            return self._durability.get(domain) or Durability("", False, self._clock())
+    async def _read_durability(self, domain: str, route: str) -> Durability:
+        """Read ``domain``'s durability, sharing a read already under way."""
+        return await asyncio.shield(self._probe_task(domain, route))
+
+    def _probe_task(self, domain: str, route: str) -> asyncio.Task[Durability]:
+        task = self._probes.get(domain)
+        if task is None or task.done():
+            task = self._probes[domain] = asyncio.create_task(
+                self._probe(domain, route), name="roomcast-redis-durability")
+            task.add_done_callback(_retrieve)
+        return task
 
     async def _probe(self, domain: str, route: str) -> Durability:
         """Read ``route``'s server identity and durability (one pipelined call)."""
@@ -367,6 +373,12 @@ class RedisHistory:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+
+
+def _retrieve(task: asyncio.Task[Durability]) -> None:
+    """A durability read nobody awaited failed: logged, never left unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("reading Redis durability failed: %s", task.exception())
 
 
 def _text(value: Any) -> str:
