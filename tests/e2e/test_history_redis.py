@@ -361,3 +361,48 @@ async def test_cluster_failover_is_a_new_epoch_for_that_shards_rooms_only() -> N
                     assert after == Position(last.epoch, last.offset + 1)
             await eventually(lambda: bool(resumed), timeout=DEADLINE)
             assert set().union(*resumed) == {victim_room}
+
+
+async def test_cluster_master_restarted_with_aof_always_keeps_the_epoch() -> None:
+    """On a cluster without replicas, a master with appendonly yes + appendfsync always
+    SIGKILLed and restarted keeps its rooms' epochs; offsets continue."""
+    with LocalRedisCluster(masters=3, extra_args=AOF_ALWAYS) as local:
+        async with brokers_on(local.url) as brokers:
+            a = await brokers.node("aa")
+            before = [await a.publish(text("r", b"%d" % i), history=H) for i in range(3)]
+            last = before[-1]
+            assert last is not None
+            master = local.master_of("hr:room:r")
+            local.server(master).kill()
+            local.server(master).start()
+            await asyncio.to_thread(local.wait_until_ok)
+            after = await publish_until_taken(a, "r", b"after")
+            assert after == Position(last.epoch, last.offset + 1)
+
+
+async def test_cluster_slot_migration_resumes_the_room_and_starts_a_new_epoch() -> None:
+    """A room's slot migrated to another master (its keys with it): the subscriber's
+    ``resumed`` names the room once it is subscribed on the new master; the next publish
+    works there, in a new epoch (a moved key cannot be told from one restored after a
+    loss) with offsets going on, and the history moved along."""
+    with LocalRedisCluster(masters=3) as local:
+        async with brokers_on(local.url) as brokers:
+            inbox, resumed = Inbox(), []
+            a = await brokers.node("aa")
+            b = await brokers.node("bb", inbox, resumed)
+            room = Room("moving")
+            await b.subscribe(room)
+            before = [await a.publish(text(room, b"%d" % i), history=H) for i in range(3)]
+            last = before[-1]
+            assert last is not None
+            slot = key_slot(b"hr:room:moving")
+            source = local.master_of("hr:room:moving")
+            target = next(p for p in local.master_ports() if p != source)
+            await asyncio.to_thread(local.migrate_slot, slot, target)
+            after = await publish_until_taken(a, room, b"after")
+            assert after.epoch != last.epoch and after.offset == last.offset + 1
+            await eventually(lambda: bool(resumed), timeout=DEADLINE)
+            assert set().union(*resumed) == {room}
+            await inbox.wait_for_payload(b"after")
+            page = await b.read_history(room, H, since=0)
+            assert [e.payload for e in page.envelopes] == [b"0", b"1", b"2", b"after"]
