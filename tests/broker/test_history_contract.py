@@ -403,3 +403,24 @@ async def test_room_names_with_braces_keep_history(world: World, name: str) -> N
     assert b.positions(room) == [(first.epoch, 1), (first.epoch, 2)]
     page = await b.broker.read_history(room, H, since=0)
     assert [e.payload for e in page.envelopes] == [b"1", b"2"]
+
+
+async def test_memory_idempotency_keys_and_room_states_expire() -> None:
+    """On the memory bus an idempotency key is remembered for max(ttl, 300 s), then a
+    publish with it is new; expired room states are swept, so memory stays bounded."""
+    clock = FakeClock()
+    bus = MemoryBus(clock=clock)
+    broker = MemoryBroker(bus)
+    await broker.start(NodeId("aa"), Inbox())
+    short = History(size=10, ttl=1)
+    first = await broker.publish(text(R, b"x"), history=short, idempotency_key="k")
+    clock.now += 299
+    assert await broker.publish(text(R, b"x"), history=short, idempotency_key="k") == first
+    clock.now += 2
+    again = await broker.publish(text(R, b"x"), history=short, idempotency_key="k")
+    assert first is not None and again == Position(first.epoch, 2)
+    clock.now += short.meta_ttl + 1
+    for i in range(1100):  # enough calls for a sweep
+        await broker.read_history(Room(f"other{i}"), short, limit=0)
+    assert R not in bus.histories and not bus._idempotency
+    await broker.close()

@@ -325,3 +325,15 @@ def test_positioned_round_trip_property(payload: bytes, epoch: str, offset: int)
     env = Envelope(Kind.ROOM, "room", payload, True, "n1", "", 1.0).with_position(epoch, offset)
     assert decode(encode(env)) == env
     assert encode_head(env) + msgpack.packb(epoch) + msgpack.packb(offset) == encode(env)
+
+
+@given(_near_envelopes, st.sampled_from(["", "e1", "x" * 33]) | _values,
+       st.sampled_from([0, 1, 2**53]) | _values)
+def test_decode_random_positioned_arrays_only_envelope_error(
+    items: tuple[object, ...], epoch: object, offset: object
+) -> None:
+    """decode of any 10-item msgpack array (a version 2 envelope with a position of any
+    shape) gives an Envelope or raises only EnvelopeError."""
+    data = msgpack.packb([POSITIONED_VERSION, *items[1:], epoch, offset], use_bin_type=True)
+    with contextlib.suppress(EnvelopeError):
+        assert isinstance(decode(data), Envelope)
