@@ -45,6 +45,13 @@ server, publishes go through a connection of their own whose run id was read whe
 connected (a connection never outlives a restart) and pass it in; ``master_replid`` is
 always read in the script (``INFO replication``), because a connection does outlive a
 demotion and a promotion.
+
+Scripts run by EVALSHA; where the script may be missing (first use per part of Redis,
+after a failure there) a SCRIPT LOAD goes first in the same pipeline. A NOSCRIPT
+reply anyway (SCRIPT FLUSH, a restart not seen as a failure) is answered with EVAL:
+publishes that were in flight together run again in the order they were made, though
+one made later may be stored before them if another client loaded the script in
+between (each still gets exactly one position).
 """
 
 from __future__ import annotations
