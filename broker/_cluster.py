@@ -233,6 +233,12 @@ class ClusterTransport:
         """As ``execute``: pipelined per master (one connection each, from the pool)."""
         return await self._pipeliner.execute(route, *commands)
 
+    async def execute_bound(
+        self, route: str, bind: Callable[[str], tuple[Command, ...]]
+    ) -> list[Any]:
+        """As ``execute_now``; the run id is not known per pooled connection: ""."""
+        return await self._pipeliner.execute(route, *bind(""))
+
     async def publish(self, channel: str, data: bytes) -> None:
         """SPUBLISH on the master of ``channel``'s slot, pipelined per master."""
         (reply,) = await self._pipeliner.execute(channel, (self.publish_command, channel, data))

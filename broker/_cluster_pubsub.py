@@ -69,6 +69,8 @@ class ShardSubscriber:
         self._placed: dict[bytes, _Link] = {}
         self._links: dict[str, _Link] = {}
         self._waiters: dict[bytes, asyncio.Future[bool]] = {}
+        self._unreported: set[bytes] = set()
+        """Channels placed again by ``reconcile`` whose confirmation it has not reported."""
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -102,6 +104,7 @@ class ShardSubscriber:
             self._resolve(channel, False)
         self._desired.clear()
         self._placed.clear()
+        self._unreported.clear()
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -137,7 +140,8 @@ class ShardSubscriber:
             await self._unsubscribe(link, key)
 
     async def reconcile(self) -> tuple[frozenset[str], bool]:
-        """Make the links match the slot map: the channels placed in this pass, and
+        """Make the links match the slot map: the channels placed again (by this pass or
+        an earlier one) whose SSUBSCRIBE is confirmed now and was not reported yet, and
         whether every wanted channel is confirmed now. Raises REDIS_ERRORS."""
         waiters: list[asyncio.Future[bool]] = []
         placed: set[bytes] = set()
@@ -174,7 +178,12 @@ class ShardSubscriber:
                 if not link.channels and not link.unsubscribing:
                     await self._close_link(link)  # a master we no longer need
         confirmed = all(await self._settle(waiters)) and complete
-        return frozenset(c.decode() for c in placed), confirmed
+        self._unreported |= placed
+        self._unreported &= self._desired
+        # placed and no confirmation pending: confirmed (an unplaced one is not placed)
+        done = {c for c in self._unreported if c in self._placed and c not in self._waiters}
+        self._unreported -= done
+        return frozenset(c.decode() for c in done), confirmed
 
     # -- placement (under the lock) --------------------------------------------------
 

@@ -9,10 +9,31 @@ On a Redis Cluster (``cluster=True``) the channel names are the same, so each ro
 channel hashes on its whole name and rooms spread over the shards; the presence keys
 put the prefix in a hash tag (``{roomcast}:presence:lobby``, ``{roomcast}:nodes``, ...),
 so that every presence key lives in one slot and the presence scripts stay single-slot.
+
+History keys of a room (rooms with history; ``broker/_history.py``): the hash
+``{prefix}:hmeta:{<tag>}`` (epoch, top offset, writer), the stream ``{prefix}:hist:{<tag>}``
+(recent messages) and ``{prefix}:idem:{<tag>}:<key>`` (idempotency keys). One script
+touches a room's keys and publishes on its channel atomically, so under Redis Cluster
+all of them must live in the channel's slot. The per-room hash tag is chosen so, with
+channels unchanged wherever possible:
+
+- a room name without ``{`` or ``}``: the tag is the room's channel name itself
+  (``roomcast:hmeta:{roomcast:room:lobby}``). The channel has no braces, so Redis
+  hashes all of it, exactly as it hashes the tag: one slot, and the channel name is the
+  one every earlier release used.
+- a room name with ``{`` or ``}`` (Redis would hash only part of the channel, or a
+  ``}`` would end the tag early): the tag is ``~`` and the first 32 hex digits of the
+  room's SHA-256, and on a cluster the channel carries the same tag,
+  ``roomcast:room:{~<hex>}`` (a wire change for these rooms only: nodes of earlier
+  releases do not share such rooms with this one on a cluster). On one server the
+  channel stays ``roomcast:room:<room>``.
+
+Tags of the two kinds never meet: a prefix cannot start with ``~``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -67,7 +88,27 @@ class Keys:
 
     def room_channel(self, room: str) -> str:
         """The channel of ``room``'s envelopes."""
+        if self.cluster and _has_braces(room):
+            return f"{self.prefix}:room:{{{_digest_tag(room)}}}"
         return f"{self.prefix}:room:{room}"
+
+    def history_tag(self, room: str) -> str:
+        """The hash tag (without braces) of ``room``'s history keys: its channel's slot."""
+        if _has_braces(room):
+            return _digest_tag(room)
+        return f"{self.prefix}:room:{room}"
+
+    def history_meta(self, room: str) -> str:
+        """The hash of ``room``'s epoch (``e``), top offset (``o``) and writer (``r``, ``d``)."""
+        return f"{self.prefix}:hmeta:{{{self.history_tag(room)}}}"
+
+    def history_stream(self, room: str) -> str:
+        """The stream of ``room``'s recent messages (fields ``o`` offset, ``m`` envelope)."""
+        return f"{self.prefix}:hist:{{{self.history_tag(room)}}}"
+
+    def idempotency(self, room: str, key: str) -> str:
+        """The key that remembers the position of ``room``'s publish with idempotency ``key``."""
+        return f"{self.prefix}:idem:{{{self.history_tag(room)}}}:{key}"
 
     def node_channel(self, node: str) -> str:
         """The channel of envelopes for connections owned by ``node``."""
@@ -89,3 +130,11 @@ class Keys:
             return self.node_channel(node_of(envelope.target))
         return self.all_channel
 
+
+
+def _has_braces(room: str) -> bool:
+    return "{" in room or "}" in room
+
+
+def _digest_tag(room: str) -> str:
+    return "~" + hashlib.sha256(room.encode()).hexdigest()[:32]

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -113,12 +113,29 @@ class PublishLink:
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._opening: asyncio.Lock | None = None
         self._closed = False
+        self._run_id = ""
 
     async def execute(self, *commands: Command) -> list[Any]:
         """Send ``commands`` now and return their replies (an error reply as an exception)."""
         conn = self._conn
         if conn is None or not conn.is_connected:
             conn = await self._open()
+        return await self._send(conn, commands)
+
+    async def execute_bound(self, bind: Callable[[str], tuple[Command, ...]]) -> list[Any]:
+        """Send ``bind(run_id)`` now, ``run_id`` being that of the server this link's
+        connection reached (read when it connected), and return the replies."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            conn = await self._open()
+        return await self._send(conn, bind(self._run_id))
+
+    @property
+    def run_id(self) -> str:
+        """The run id of the server the current connection reached ("" before one)."""
+        return self._run_id
+
+    async def _send(self, conn: AbstractConnection, commands: tuple[Command, ...]) -> list[Any]:
         loop = asyncio.get_running_loop()
         replies = [loop.create_future() for _ in commands]
         self._waiting.extend(replies)
@@ -162,7 +179,15 @@ class PublishLink:
                 return conn
             async with asyncio.timeout(2 * self._timeout):
                 conn = await open_connection(self._client)
+                try:
+                    # the run id of this very server: valid as long as this connection
+                    await conn.send_command("INFO", "server", check_health=False)
+                    info = await conn.read_response(disconnect_on_error=False)
+                except BaseException:
+                    await disconnect(conn)
+                    raise
             conn.socket_timeout = None  # bounded in execute(), around write and reply
+            self._run_id = _run_id(info)
             self._conn = conn
             self._reader = asyncio.create_task(self._read(conn), name="roomcast-redis-publish")
             return conn
@@ -201,6 +226,16 @@ class PublishLink:
                 future.set_exception(error)
                 future.exception()  # a caller that went away must not leave it unretrieved
         await disconnect(conn)
+
+
+def _run_id(info: Any) -> str:
+    """The ``run_id`` in an INFO reply ("" if it has none: the script then reads it)."""
+    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "run_id":
+            return value.strip()
+    return ""
 
 
 class SingleTransport:
@@ -247,6 +282,13 @@ class SingleTransport:
     async def execute_now(self, route: str, *commands: Command) -> list[Any]:
         """Write ``commands`` on the publish link in the caller's turn."""
         return await self._publish_link.execute(*commands)
+
+    async def execute_bound(
+        self, route: str, bind: Callable[[str], tuple[Command, ...]]
+    ) -> list[Any]:
+        """Write ``bind(run_id)`` on the publish link in the caller's turn, with the run id
+        of the server that link is connected to."""
+        return await self._publish_link.execute_bound(bind)
 
     async def publish(self, channel: str, data: bytes) -> None:
         """PUBLISH on the publish link, written in the caller's turn."""

@@ -93,6 +93,15 @@ class Transport(Protocol):
         (before the caller first suspends), for publishes."""
         ...
 
+    async def execute_bound(
+        self, route: str, bind: Callable[[str], tuple[Command, ...]]
+    ) -> list[Any]:
+        """Like ``execute_now``, with the commands made by ``bind(run_id)`` once the
+        connection they go out on is chosen: ``run_id`` is that server's run id where the
+        transport knows it for that very connection (a connection never outlives a
+        restart), else ""."""
+        ...
+
     async def publish(self, channel: str, data: bytes) -> None:
         """PUBLISH (or SPUBLISH) ``data`` on ``channel`` as ``execute_now`` would; raises
         what Redis raised, an error reply too. The fan-out path: one call, no detour."""
@@ -115,8 +124,10 @@ class Transport(Protocol):
         ...
 
     async def repair(self) -> tuple[frozenset[str], bool]:
-        """One attempt to subscribe every wanted channel that is not: the channels it
-        subscribed, and whether every wanted one is subscribed now. Raises on failure."""
+        """One attempt to subscribe every wanted channel that is not: the channels
+        subscribed again and confirmed since the last repair reported them (the broker
+        tells ``resumed`` about their rooms), and whether every wanted one is subscribed
+        now. Raises on failure."""
         ...
 
     async def close(self) -> None:

@@ -16,12 +16,15 @@ from types import TracebackType
 from typing import Self
 
 from roomcast.broker import _scripts as scripts
+from roomcast.broker._history import RedisHistory
 from roomcast.broker._keys import Keys
 from roomcast.broker._transport import DEFAULT_SOCKET_TIMEOUT, REDIS_ERRORS
 from roomcast.broker._urls import is_cluster_url
+from roomcast.broker.base import check_history_publish, check_history_read
 from roomcast.broker.redis import check_positive, transport_for
 from roomcast.shared.envelope import Envelope, Kind, encode
 from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.history import HistoryPage, HistoryPolicy, Position
 from roomcast.shared.ids import ConnectionId, node_of, validate_room
 
 Data = str | bytes
@@ -49,8 +52,9 @@ class Publisher:
     ``url`` is any URL the nodes take: ``redis://``, ``rediss://``, ``unix://``, or
     ``redis+cluster://`` / ``rediss+cluster://`` for a Redis Cluster. ``presence_ttl``
     must match the nodes' so that ``room_members`` leaves out the same dead nodes they
-    do. Publishes are pipelined as a node's are; failures raise PublishError and are
-    counted in ``publish_failures``.
+    do, and ``history`` their history policy, so that a room's messages are stored
+    (and get positions) whoever publishes them. Publishes are pipelined as a node's
+    are; failures raise PublishError and are counted in ``publish_failures``.
     """
 
     def __init__(
@@ -60,20 +64,71 @@ class Publisher:
         prefix: str = "roomcast",
         presence_ttl: float = 5.0,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        history: HistoryPolicy | None = None,
     ) -> None:
         check_positive("presence_ttl", presence_ttl)
+        if history is not None and not isinstance(history, HistoryPolicy):
+            raise TypeError(f"history must be a HistoryPolicy, got {type(history).__name__}")
+        self._history_policy = history if history is not None else HistoryPolicy()
         self._keys = Keys(prefix, cluster=isinstance(url, str) and is_cluster_url(url))
         self._transport = transport_for(url, socket_timeout=socket_timeout)
+        self._history = RedisHistory(self._transport, self._keys)
         self._presence_ttl = float(presence_ttl)
         self._closed = False
         self.published = 0
         self.publish_failures = 0
 
     async def publish_to_room(
-        self, room: str, data: Data, *, exclude: str | None = None
-    ) -> None:
-        """Send ``data`` to every member of ``room`` on every node, except ``exclude``."""
-        await self._publish(Kind.ROOM, validate_room(room), data, exclude)
+        self,
+        room: str,
+        data: Data,
+        *,
+        exclude: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Position | None:
+        """Send ``data`` to every member of ``room`` on every node, except ``exclude``.
+
+        For a room with history (by the ``history`` policy) the message is stored and
+        its position returned; with ``idempotency_key`` a retry of a publish that was
+        made (the same key in the same room within ``max(ttl, 300 s)``) returns the
+        first position and is neither stored nor sent again, so a backend may retry
+        after a timeout. Rooms without history return None (and refuse a key:
+        ValueError). Raises PublishError when Redis did not take the message.
+        """
+        room = validate_room(room)
+        history = self._history_policy.for_room(room)
+        envelope = external_envelope(Kind.ROOM, room, data, exclude)
+        history = check_history_publish(envelope, history, idempotency_key)
+        if history is None:
+            await self._send(envelope)
+            return None
+        self._require_open()
+        try:
+            position, duplicate = await self._history.publish(envelope, history,
+                                                              idempotency_key)
+        except REDIS_ERRORS as exc:
+            self.publish_failures += 1
+            raise PublishError(self._transport.describe(exc)) from exc
+        if not duplicate:
+            self.published += 1
+        return position
+
+    async def room_history(
+        self, room: str, *, since: int | None = None, limit: int = 100
+    ) -> HistoryPage:
+        """The room's position and up to ``limit`` messages after offset ``since`` (None:
+        the latest), read from Redis as the nodes would (``Broker.read_history``).
+        ValueError for a room without history; BrokerError if Redis is unreachable."""
+        self._require_open()
+        room = validate_room(room)
+        history = self._history_policy.for_room(room)
+        if history is None:
+            raise ValueError(f"room {room!r} has no history in this Publisher's policy")
+        room = check_history_read(room, history, since, limit)
+        try:
+            return await self._history.read(room, history, since, limit)
+        except REDIS_ERRORS as exc:
+            raise BrokerError(self._transport.describe(exc)) from exc
 
     async def send_to_connection(self, connection_id: str, data: Data) -> None:
         """Send ``data`` to the one connection ``connection_id``, wherever it lives."""
@@ -102,6 +157,7 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
+        await self._history.close()
         await self._transport.close()
 
     async def __aenter__(self) -> Self:
@@ -117,8 +173,10 @@ class Publisher:
         await self.close()
 
     async def _publish(self, kind: Kind, target: str, data: Data, exclude: str | None) -> None:
+        await self._send(external_envelope(kind, target, data, exclude))
+
+    async def _send(self, envelope: Envelope) -> None:
         self._require_open()
-        envelope = external_envelope(kind, target, data, exclude)
         channel = self._keys.channel_for(envelope)
         try:
             await self._transport.publish(channel, encode(envelope))

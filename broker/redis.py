@@ -22,6 +22,7 @@ from typing import Final
 
 from roomcast.broker import _scripts as scripts
 from roomcast.broker._cluster import ClusterTransport
+from roomcast.broker._history import RedisHistory
 from roomcast.broker._keys import Keys
 from roomcast.broker._single import SingleTransport
 from roomcast.broker._transport import (
@@ -34,9 +35,16 @@ from roomcast.broker._transport import (
     stop_tasks,
 )
 from roomcast.broker._urls import is_cluster_url, redact_url
-from roomcast.broker.base import BrokerStats, Deliver
+from roomcast.broker.base import (
+    BrokerStats,
+    Deliver,
+    Resumed,
+    check_history_publish,
+    check_history_read,
+)
 from roomcast.shared.envelope import Envelope, Kind, decode, encode
 from roomcast.shared.errors import BrokerError, EnvelopeError, PublishError
+from roomcast.shared.history import History, HistoryPage, Position
 from roomcast.shared.ids import (
     ConnectionId,
     NodeId,
@@ -104,6 +112,7 @@ class RedisBroker:
         self._keys = Keys(prefix, cluster=isinstance(url, str) and is_cluster_url(url))
         self._transport = transport_for(url, socket_timeout=socket_timeout,
                                         health_check_interval=health_check_interval)
+        self._history = RedisHistory(self._transport, self._keys)
         self._safe_url = redact_url(url)
         self._heartbeat_interval = float(heartbeat_interval)
         self._presence_ttl = float(presence_ttl)
@@ -112,6 +121,7 @@ class RedisBroker:
 
         self._node: NodeId | None = None
         self._deliver: Deliver | None = None
+        self._resumed: Resumed | None = None
         self._started = False
         self._closed = False
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -151,11 +161,15 @@ class RedisBroker:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, node_id: NodeId, deliver: Deliver) -> None:
+    async def start(
+        self, node_id: NodeId, deliver: Deliver, *, resumed: Resumed | None = None
+    ) -> None:
         """Connect, subscribe this node's and the everyone channel, register, listen.
 
-        Raises BrokerError if Redis cannot be reached now, so a bad URL fails fast; the
-        broker is closed then (make a new one to try again).
+        ``resumed`` gets the rooms whose subscription came back after a gap (a lost
+        link, a failover, a slot move), once they are subscribed again. Raises
+        BrokerError if Redis cannot be reached now, so a bad URL fails fast; the broker
+        is closed then (make a new one to try again).
         """
         if self._closed:
             raise BrokerError("this RedisBroker is closed; create a new one")
@@ -163,6 +177,7 @@ class RedisBroker:
             raise BrokerError(f"this RedisBroker is already started as node {self._node}")
         node = self._node = validate_node_id(node_id)
         self._deliver = deliver
+        self._resumed = resumed
         listener = Listener(self._on_message, self._on_unsubscribed)
         try:
             await self._transport.start(
@@ -207,29 +222,48 @@ class RedisBroker:
                     node, self._transport.describe(exc),
                     self._presence_ttl + self._heartbeat_interval,
                 )
+        await self._history.close()
         await self._transport.close()
         self._presence.clear()
         self._rooms.clear()
 
     # -- publishing ------------------------------------------------------------------
 
-    async def publish(self, envelope: Envelope) -> None:
+    async def publish(
+        self,
+        envelope: Envelope,
+        *,
+        history: History | None = None,
+        idempotency_key: str | None = None,
+    ) -> Position | None:
         """Publish ``envelope`` on its one channel, pipelined with concurrent publishes.
 
         On one server the command is written before this first suspends, so it leaves
         ahead of the local members' writes the hub queued just before; on a cluster it
         is pipelined per master. Raises PublishError (and counts it) if Redis did not
         take it, or at once while the channel's part of Redis is failing.
+
+        With ``history`` (see Broker.publish) the command is one script on the room's
+        slot (EVALSHA, written in the caller's turn on one server) that stores the
+        envelope at the room's next position and publishes it; this node gets it back
+        on the room's channel like every other subscribed node.
         """
         self._require_running()
+        if history is not None or idempotency_key is not None or envelope.offset:
+            history = check_history_publish(envelope, history, idempotency_key)
         channel = self._keys.channel_for(envelope)
         if self._failing:
             failing = self._failing.get(self._transport.failure_domain(channel))
             if failing is not None:
                 self.stats.publish_failures += 1
                 raise PublishError(failing[1])
+        position: Position | None = None
         try:
-            await self._transport.publish(channel, encode(envelope))
+            if history is None:
+                await self._transport.publish(channel, encode(envelope))
+            else:
+                position, duplicate = await self._history.publish(
+                    envelope, history, idempotency_key)
         except REDIS_ERRORS as exc:
             self.stats.publish_failures += 1
             reason = self._transport.describe(exc)
@@ -239,7 +273,37 @@ class RedisBroker:
             self._warn("publish", "cross-node publish failed (%d so far): %s",
                        self.stats.publish_failures, reason)
             raise PublishError(reason) from exc
+        if position is not None:
+            if duplicate:
+                self.stats.duplicates += 1
+                return position
+            self.stats.history_published += 1
         self.stats.published += 1
+        return position
+
+    async def read_history(
+        self, room: Room, history: History, *, since: int | None = None, limit: int = 100
+    ) -> HistoryPage:
+        """The room's position and messages after ``since``; see Broker.read_history.
+
+        One script on the room's slot, pipelined with concurrent calls. A room whose
+        history was lost (keys gone, Redis restarted without them, a failover) gets its
+        new epoch here already, so readers learn it before the next publish. Raises
+        BrokerError when Redis cannot be reached.
+        """
+        self._require_running()
+        room = check_history_read(room, history, since, limit)
+        try:
+            page = await self._history.read(room, history, since, limit)
+        except REDIS_ERRORS as exc:
+            self.stats.history_read_failures += 1
+            raise BrokerError(f"cannot read the history of room {room!r}: "
+                              f"{self._transport.describe(exc)}") from exc
+        except BrokerError:
+            self.stats.history_read_failures += 1
+            raise
+        self.stats.history_reads += 1
+        return page
 
     # -- subscriptions ---------------------------------------------------------------
 
@@ -396,7 +460,7 @@ class RedisBroker:
             log.exception("dropped an envelope the decoder choked on (%d so far)",
                           self.stats.dropped)
             return
-        if envelope.origin and envelope.origin == self._node:
+        if envelope.origin and envelope.origin == self._node and not envelope.offset:
             return  # our own publish: the hub already delivered it locally
         if envelope.kind is Kind.ROOM and envelope.target not in self._rooms:
             return  # in flight when the room's last local member left
@@ -446,6 +510,7 @@ class RedisBroker:
                         warned = True
                 else:
                     restored |= channels
+                    self._report_resumed(channels)
                 if self._closed:
                     return  # a repair that outlived close(): stop here
                 if complete and not self._trouble.is_set():  # nothing new went wrong
@@ -453,6 +518,21 @@ class RedisBroker:
             self.stats.resubscribes += len(restored)
             if self._lost:
                 await self._recovered(attempt, len(restored))
+
+    def _report_resumed(self, channels: Collection[str]) -> None:
+        """Tell ``resumed`` which subscribed rooms came back on these channels."""
+        if self._resumed is None or self._closed or not channels:
+            return
+        rooms = frozenset(room for room in self._rooms
+                          if self._keys.room_channel(room) in channels)
+        if not rooms:
+            return
+        self.stats.resumed_rooms += len(rooms)
+        try:
+            self._resumed(rooms)
+        except Exception:
+            log.exception("resumed callback raised for %d room(s); listener goes on",
+                          len(rooms))
 
     async def _recovered(self, attempts: int, channels: int) -> None:
         """Every channel is back after a lost link: re-register, then report connected."""

@@ -1,4 +1,5 @@
-"""What node and broker both speak: config, ids, frames, handshake, envelope. No I/O."""
+"""What node and broker both speak: config, ids, frames, handshake, envelope, history
+positions. No I/O."""
 
 from roomcast.shared.config import HubConfig
 from roomcast.shared.envelope import Envelope, Kind, decode, encode
@@ -12,6 +13,7 @@ from roomcast.shared.errors import (
     RoomcastError,
 )
 from roomcast.shared.frames import Frame, PreparedMessage, build_frame, parse_frame
+from roomcast.shared.history import History, HistoryPage, HistoryPolicy, Position
 from roomcast.shared.ids import ConnectionId, NodeId, Room, node_of
 from roomcast.shared.rfc6455 import CloseCode, Data, Opcode
 
@@ -25,10 +27,14 @@ __all__ = [
     "EnvelopeError",
     "Frame",
     "HandshakeError",
+    "History",
+    "HistoryPage",
+    "HistoryPolicy",
     "HubConfig",
     "Kind",
     "NodeId",
     "Opcode",
+    "Position",
     "PreparedMessage",
     "ProtocolError",
     "PublishError",

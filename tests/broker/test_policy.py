@@ -38,6 +38,8 @@ class FakeTransport:
         self.repairs = 0
         self.repair_blocks: asyncio.Event | None = None
         """When set, repair() waits for it, ignoring cancellation (a stuck library call)."""
+        self.repaired: frozenset[str] | None = None
+        """What repair() says it subscribed again (None: every wanted channel)."""
         self.closed = False
 
     def describe(self, exc: BaseException) -> str:
@@ -83,7 +85,7 @@ class FakeTransport:
                     continue  # a call that does not let go when cancelled
         if "" in self.down:
             raise RedisConnectionError("still down")
-        return frozenset(self.wanted), True
+        return (frozenset(self.wanted) if self.repaired is None else self.repaired), True
 
     async def close(self) -> None:
         self.closed = True
@@ -96,13 +98,13 @@ class FakeTransport:
         return 1
 
 
-async def started(fake: FakeTransport, **options: Any) -> RedisBroker:
+async def started(fake: FakeTransport, resumed: Any = None, **options: Any) -> RedisBroker:
     """A RedisBroker over ``fake``, started as node ``a``."""
     timing = {"heartbeat_interval": 0.05, "presence_ttl": 0.5, "reconnect_max_delay": 0.05,
               "socket_timeout": 0.2, **options}
     broker = RedisBroker("redis://fake.invalid:1/0", **timing)
     broker._transport = fake
-    await broker.start(NodeId("a"), Inbox())
+    await broker.start(NodeId("a"), Inbox(), resumed=resumed)
     return broker
 
 
@@ -210,6 +212,52 @@ async def test_moved_channels_are_repaired_without_a_reconnect(fake: FakeTranspo
         await eventually(lambda: fake.repairs == 1, timeout=5)
         await eventually(lambda: broker.stats.resubscribes > 0, timeout=5)
         assert broker.stats.reconnects == 0 and broker.connected
+    finally:
+        await broker.close()
+
+
+async def test_resumed_gets_the_subscribed_rooms_of_the_channels_repaired(
+    fake: FakeTransport,
+) -> None:
+    """After a lost link, ``resumed`` gets exactly the subscribed rooms whose channels
+    came back (not the node's own channels, not a room left meanwhile); a first
+    subscribe reports nothing."""
+    reported: list[frozenset[Room]] = []
+    broker = await started(fake, resumed=reported.append)
+    try:
+        for room in ("lobby", "news", "gone"):
+            await broker.subscribe(Room(room))
+        await broker.unsubscribe(Room("gone"))
+        assert reported == []
+        assert fake.listener is not None
+        fake.listener.on_unsubscribed(["roomcast:room:lobby"], True)
+        await eventually(lambda: bool(reported), timeout=5)
+        assert reported == [frozenset({Room("lobby"), Room("news")})]
+        assert broker.stats.resumed_rooms == 2
+    finally:
+        await broker.close()
+
+
+async def test_moved_channel_resumes_only_its_room(fake: FakeTransport) -> None:
+    """A channel the server moved resumes its one room once it is placed again; a
+    resumed callback that raises is logged and does not stop the repairs."""
+    reported: list[frozenset[Room]] = []
+
+    def resumed(rooms: frozenset[Room]) -> None:
+        reported.append(rooms)
+        raise RuntimeError("a bug in the hub")
+
+    broker = await started(fake, resumed=resumed)
+    try:
+        await broker.subscribe(Room("lobby"))
+        await broker.subscribe(Room("news"))
+        fake.repaired = frozenset({"roomcast:room:news"})
+        assert fake.listener is not None
+        fake.listener.on_unsubscribed(["roomcast:room:news"], False)
+        await eventually(lambda: bool(reported), timeout=5)
+        assert reported == [frozenset({Room("news")})]
+        fake.listener.on_unsubscribed(["roomcast:room:news"], False)
+        await eventually(lambda: len(reported) == 2, timeout=5)
     finally:
         await broker.close()
 

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roomcast.shared.envelope import ENVELOPE_VERSION, Envelope, Kind, decode, encode, room_envelope
+from roomcast.shared.envelope import (
+    ENVELOPE_VERSION,
+    POSITIONED_VERSION,
+    Envelope,
+    Kind,
+    decode,
+    encode,
+    encode_head,
+    room_envelope,
+)
 from roomcast.shared.errors import EnvelopeError
 
 ALL_BYTES = bytes(range(256))
@@ -82,7 +91,7 @@ def test_not_msgpack_rejected(data: Any) -> None:
     "obj", [{"kind": 1}, "lobby", 1, None, (1, 2, 3)], ids=["map", "str", "int", "nil", "short"]
 )
 def test_wrong_type_or_length_rejected(obj: object) -> None:
-    """Anything but an array of exactly 8 items raises EnvelopeError."""
+    """Anything but an array of exactly 8 (or 10) items raises EnvelopeError."""
     with pytest.raises(EnvelopeError):
         decode(msgpack.packb(obj, use_bin_type=True))
 
@@ -94,11 +103,94 @@ def test_too_long_array_rejected() -> None:
         decode(msgpack.packb(data, use_bin_type=True))
 
 
-@pytest.mark.parametrize("version", [0, 2, True, 1.0, "1", None])
+@pytest.mark.parametrize("version", [0, 3, True, 1.0, 2.0, "1", None])
 def test_wrong_version_rejected(version: object) -> None:
-    """Only the integer version 1 is accepted."""
+    """Only the integer versions 1 and 2 are accepted."""
     with pytest.raises(EnvelopeError, match="version"):
         decode(_wire(version=version))
+
+
+def test_version_must_match_the_length() -> None:
+    """Version 1 has 8 items and version 2 has 10: a mismatch is EnvelopeError."""
+    with pytest.raises(EnvelopeError, match="version 2 envelope has 10 items"):
+        decode(_wire(version=POSITIONED_VERSION))
+    v1_with_position = [*msgpack.unpackb(_wire()), "e1", 5]
+    with pytest.raises(EnvelopeError, match="version 1 envelope has 8 items"):
+        decode(msgpack.packb(v1_with_position, use_bin_type=True))
+
+
+def _wire2(epoch: object = "f3k9q2", offset: object = 42, **fields: Any) -> bytes:
+    """Version 2 envelope bytes built by hand: ``_wire``'s fields, then epoch and offset."""
+    items = [*msgpack.unpackb(_wire(version=POSITIONED_VERSION, **fields)), epoch, offset]
+    data: bytes = msgpack.packb(items, use_bin_type=True)
+    return data
+
+
+def test_positioned_envelope_is_version_2_and_round_trips() -> None:
+    """A room envelope with a position encodes as version 2 (10 items) and decodes equal;
+    without one it stays version 1 (8 items), as nodes of earlier releases read it."""
+    plain = Envelope(Kind.ROOM, "lobby", b"hi", False, "node1", "node1.a", 1.5)
+    positioned = plain.with_position("f3k9q2", 42)
+    assert positioned.positioned and not plain.positioned
+    assert msgpack.unpackb(encode(plain))[0] == ENVELOPE_VERSION
+    items = msgpack.unpackb(encode(positioned))
+    assert items[0] == POSITIONED_VERSION and items[8:] == ["f3k9q2", 42]
+    assert decode(encode(positioned)) == positioned
+    assert decode(_wire2()) == Envelope(Kind.ROOM, "lobby", b"hi", False, "node1", "", 1.5,
+                                        "f3k9q2", 42)
+
+
+@pytest.mark.parametrize("offset", [1, 127, 128, 2**16, 2**32, 2**53 - 1])
+def test_head_plus_position_is_the_envelope(offset: int) -> None:
+    """encode_head, then the msgpack of the epoch and of the offset, is exactly the
+    version 2 envelope (what the Redis script builds), for offsets of every width."""
+    env = Envelope(Kind.ROOM, "lobby", "ü".encode(), False, "node1", "node1.a", 2.5)
+    wire = encode_head(env) + msgpack.packb("Ab_-9") + msgpack.packb(offset)
+    assert wire == encode(env.with_position("Ab_-9", offset))
+    assert decode(wire) == env.with_position("Ab_-9", offset)
+    assert encode_head(env.with_position("x", 3)) == encode_head(env)
+
+
+def test_position_in_other_msgpack_widths_decodes() -> None:
+    """An epoch packed as str8 and an offset as uint64 (as another packer may write them,
+    Redis's cmsgpack for one) decode to the same position."""
+    head = encode_head(Envelope(Kind.ROOM, "lobby", b"hi", False))
+    wire = head + b"\xd9\x02e1" + b"\xcf" + (7).to_bytes(8, "big")
+    assert decode(wire).epoch == "e1"
+    assert decode(wire).offset == 7
+
+
+@pytest.mark.parametrize(
+    ("epoch", "offset", "fields", "match"),
+    [
+        ("", 5, {}, "epoch"),
+        ("x" * 33, 5, {}, "epoch"),
+        ("a b", 5, {}, "epoch"),
+        (7, 5, {}, "epoch"),
+        ("e1", 0, {}, "offset"),
+        ("e1", -1, {}, "offset"),
+        ("e1", 2**53, {}, "offset"),
+        ("e1", 5.0, {}, "offset"),
+        ("e1", True, {}, "offset"),
+        ("", 0, {}, "must carry a position"),
+        ("e1", 5, {"kind": int(Kind.ALL), "target": ""}, "only a room envelope"),
+        ("e1", 5, {"kind": int(Kind.CONNECTION), "target": "n.1"}, "only a room envelope"),
+    ],
+)
+def test_bad_positions_rejected(epoch: object, offset: object, fields: dict[str, Any],
+                                match: str) -> None:
+    """A version 2 envelope whose epoch or offset is out of the protocol's range, or that
+    is not a room message, or that carries no position, is EnvelopeError."""
+    with pytest.raises(EnvelopeError, match=match):
+        decode(_wire2(epoch, offset, **fields))
+
+
+def test_position_checked_when_built_in_code() -> None:
+    """with_position validates too: a bad offset or a position on a send is refused."""
+    with pytest.raises(EnvelopeError, match="offset"):
+        room_envelope("lobby", b"x", binary=True).with_position("e1", 0)
+    with pytest.raises(EnvelopeError, match="only a room envelope"):
+        Envelope(Kind.CONNECTION, "n.1", b"x", True).with_position("e1", 1)
 
 
 @pytest.mark.parametrize("kind", [0, 4, -1, True, 1.0, "1", None, [1], {"a": 1}])
@@ -220,3 +312,28 @@ def test_round_trip_property(kind: Kind, payload: bytes, sent_at: float, origin:
     target = {Kind.ROOM: "room", Kind.CONNECTION: "abc.1", Kind.ALL: ""}[kind]
     env = Envelope(kind, target, payload, True, origin, "", sent_at)
     assert decode(encode(env)) == env
+
+
+@given(
+    st.binary(max_size=300),
+    st.from_regex(r"[0-9A-Za-z_-]{1,32}", fullmatch=True),
+    st.integers(1, 2**53 - 1),
+)
+def test_positioned_round_trip_property(payload: bytes, epoch: str, offset: int) -> None:
+    """Any valid room envelope with any valid position survives encode/decode, and
+    encode_head plus the packed position is the same bytes."""
+    env = Envelope(Kind.ROOM, "room", payload, True, "n1", "", 1.0).with_position(epoch, offset)
+    assert decode(encode(env)) == env
+    assert encode_head(env) + msgpack.packb(epoch) + msgpack.packb(offset) == encode(env)
+
+
+@given(_near_envelopes, st.sampled_from(["", "e1", "x" * 33]) | _values,
+       st.sampled_from([0, 1, 2**53]) | _values)
+def test_decode_random_positioned_arrays_only_envelope_error(
+    items: tuple[object, ...], epoch: object, offset: object
+) -> None:
+    """decode of any 10-item msgpack array (a version 2 envelope with a position of any
+    shape) gives an Envelope or raises only EnvelopeError."""
+    data = msgpack.packb([POSITIONED_VERSION, *items[1:], epoch, offset], use_bin_type=True)
+    with contextlib.suppress(EnvelopeError):
+        assert isinstance(decode(data), Envelope)
