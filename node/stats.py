@@ -24,6 +24,16 @@ class HubStats:
     refused_draining: int = 0
     slow_consumers: int = 0
     pong_timeouts: int = 0
+    recoveries: int = 0
+    """Joins of a roomcast.v1 client that declared a position and got everything after it."""
+    recoveries_failed: int = 0
+    """Such joins told ``recovered: false`` (epoch, window, limit or unavailable)."""
+    messages_recovered: int = 0
+    """Messages replayed to recovering clients (and as recent history on join)."""
+    catchup_gaps_filled: int = 0
+    """Gaps in a room's stream this node filled from the history (after a lost link)."""
+    catchup_gaps_lost: int = 0
+    """Gaps it could not fill: its members were sent ``lost`` for the room."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""

@@ -6,11 +6,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from roomcast.shared.history import HistoryPolicy
+
 DEFAULT_MAX_CONNECTIONS: Final = 10_000
 DEFAULT_MAX_MESSAGE_SIZE: Final = 64 * 1024
 DEFAULT_PING_INTERVAL_MS: Final = 30_000
 DEFAULT_PONG_TIMEOUT_MS: Final = 10_000
 DEFAULT_SEND_BUFFER_LIMIT: Final = 1024 * 1024
+DEFAULT_RECOVERY_MAX: Final = 1000
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -32,6 +35,12 @@ class HubConfig:
     ``send_buffer_limit`` is not in the seed: the bytes that may wait unsent for one
     connection before it is cut off as a slow consumer (close code 1013,
     "try again later": the client may reconnect).
+
+    ``history`` is not in the seed: which rooms keep history (positions, recovery; see
+    ``roomcast.shared.history``). None (the default): no room does, and every room
+    behaves as before. ``recovery_max``: the most messages one recovery (a
+    ``roomcast.v1`` client that declared a position) replays; past it the client is told
+    ``recovered: false`` with reason ``limit``.
     """
 
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -41,6 +50,8 @@ class HubConfig:
     enable_compression: bool = False
     allowed_origins: tuple[str, ...] = field(default=())
     send_buffer_limit: int = DEFAULT_SEND_BUFFER_LIMIT
+    history: HistoryPolicy | None = None
+    recovery_max: int = DEFAULT_RECOVERY_MAX
 
     def __post_init__(self) -> None:
         for name in (
@@ -49,6 +60,7 @@ class HubConfig:
             "ping_interval_ms",
             "pong_timeout_ms",
             "send_buffer_limit",
+            "recovery_max",
         ):
             _positive_int(name, getattr(self, name))
         if not isinstance(self.enable_compression, bool):
@@ -56,6 +68,9 @@ class HubConfig:
         origins = self.allowed_origins
         if isinstance(origins, str) or not isinstance(origins, Iterable):
             raise TypeError("HubConfig.allowed_origins must be a sequence of origin strings")
+        if self.history is not None and not isinstance(self.history, HistoryPolicy):
+            raise TypeError("HubConfig.history must be a HistoryPolicy or None, got "
+                            f"{type(self.history).__name__}")
         normalised = tuple(_normalise_origin(o) for o in origins)
         object.__setattr__(self, "allowed_origins", normalised)
 
