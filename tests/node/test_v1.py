@@ -194,7 +194,7 @@ def test_parse_upgrade_params() -> None:
     assert params.previous == ConnectionId("3f2a.1c")
     empty = parse_upgrade_params(MultiDict(), MultiDict().getall)
     assert empty.since == {} and empty.previous is None
-    with pytest.raises(ValueError, match="roomcast.previous is not a connection id"):
+    with pytest.raises(ValueError, match=r"roomcast\.previous is not a connection id"):
         parse_upgrade_params({"roomcast.previous": "nodot"})
     twice: MultiDict[str] = MultiDict([("roomcast.since", "{}"), ("roomcast.since", "{}")])
     with pytest.raises(ValueError, match="given more than once"):
