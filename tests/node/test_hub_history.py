@@ -567,3 +567,33 @@ async def test_python_client_resumes_through_another_node(harness: Harness) -> N
         message = await again.next_message()
         assert isinstance(message, ClientMessage) and message.data == "m5"
         assert again.duplicates == 0
+
+
+async def test_a_broadcast_is_framed_once_for_all_v1_members(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five v1 members and two raw ones in a room: one v1 frame per broadcast, and every
+    v1 member gets the same bytes."""
+    import roomcast.node.hub as hub_module
+
+    node = await harness.node()
+    socks = [await harness.connect(node, "room=r") for _ in range(5)]
+    raws = [await harness.connect(node, "room=r", v1=False) for _ in range(2)]
+    for sock in socks:
+        await sock.welcome()
+        await sock.recv()
+    made: list[Any] = []
+    real = hub_module.message_frame
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        frame = real(*args, **kwargs)
+        made.append(frame)
+        return frame
+
+    monkeypatch.setattr(hub_module, "message_frame", counting)
+    await node.hub.broadcast_to_room("r", "once")
+    await node.hub.broadcast_to_room("plain-none", "nobody")  # no member: no frame
+    assert len(made) == 1
+    for sock in socks:
+        assert await sock.messages(1) == [(1, "once")]
+    for raw in raws:
+        assert await raw.recv() == "once"
