@@ -574,6 +574,7 @@ async def test_a_broadcast_is_framed_once_for_all_v1_members(
     """Five v1 members and two raw ones in a room: one v1 frame per broadcast, and every
     v1 member gets the same bytes."""
     import roomcast.node.hub as hub_module
+    import roomcast.node.v1 as v1_module
 
     node = await harness.node()
     socks = [await harness.connect(node, "room=r") for _ in range(5)]
@@ -582,7 +583,7 @@ async def test_a_broadcast_is_framed_once_for_all_v1_members(
         await sock.welcome()
         await sock.recv()
     made: list[Any] = []
-    real = hub_module.message_frame
+    real = v1_module.message_frame
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         frame = real(*args, **kwargs)
