@@ -123,7 +123,7 @@ class StreamTracker:
         early, stream.early = stream.early, []
         steps: list[Step] = []
         for env in early:
-            steps.extend(self._offer(stream, env))
+            steps.extend(self.feed(stream, env))
         return steps
 
     def offer(self, env: Envelope) -> list[Step] | None:
@@ -131,9 +131,10 @@ class StreamTracker:
         stream = self.rooms.get(Room(env.target))
         if stream is None:
             return None
-        return self._offer(stream, env)
+        return self.feed(stream, env)
 
-    def _offer(self, stream: RoomStream, env: Envelope) -> list[Step]:
+    def feed(self, stream: RoomStream, env: Envelope) -> list[Step]:
+        """``offer`` for a room's stream already looked up."""
         if not stream.started:
             if len(stream.early) < self.hold_max:
                 stream.early.append(env)
@@ -328,7 +329,7 @@ class Catchup:
         stream = self.tracker.rooms.get(Room(env.target))
         if stream is None:
             return False
-        steps = self.tracker._offer(stream, env)
+        steps = self.tracker.feed(stream, env)
         if steps:
             self._emit(stream.room, steps)
         if stream.held and stream.timer is None and not stream.reading:
