@@ -435,7 +435,7 @@ class Hub:
             await self._subscribe_history(name, history, first, start=True)
             await self.broker.add_presence(name, conn.id)
             return
-        pending = PendingJoin()
+        pending = PendingJoin(name)
         first = self._rooms.join(name, conn.id, conn, pending=True)
         self._pending.setdefault(name, {})[conn.id] = pending
         try:
