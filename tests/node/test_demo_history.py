@@ -98,22 +98,24 @@ async def test_v1_client_sees_recent_history_on_join(node: Chat) -> None:
 async def test_replay_on_join_is_the_last_chat_replay_messages(node: Chat) -> None:
     """More than CHAT_REPLAY messages before the join: the newest CHAT_REPLAY, in order."""
     total = CHAT_REPLAY + 7
-    async with websockets.connect(node.chat("ann")) as ann:
-        assert await recv(ann) == notice("join", "ann", 1)
-        for i in range(total):
-            await ann.send(f"m{i}")
-        for i in range(total):
-            assert await recv(ann) == f"m{i}"
-    # ann's leave notice follows; wait for it to be in the history
-    async with asyncio.timeout(5):
-        while len(await node.history()) < total + 2:
-            await asyncio.sleep(0.01)
-    everything = await node.history()
-    async with Client(node.chat("bob"), **FAST) as bob:
-        replayed = [await bob.next_message() for _ in range(CHAT_REPLAY)]
-        assert [m.data for m in replayed] == [t for _, _, t in everything[-CHAT_REPLAY:]]
-        joined = await bob.wait_for(Joined)
-        assert joined.replayed == CHAT_REPLAY and joined.recovered is None
+    async with websockets.connect(node.chat("carol")) as carol:
+        assert await recv(carol) == notice("join", "carol", 1)
+        async with websockets.connect(node.chat("ann")) as ann:
+            assert await recv(ann) == notice("join", "ann", 2)
+            for i in range(total):
+                await ann.send(f"m{i}")
+            for i in range(total):
+                assert await recv(ann) == f"m{i}"
+        for expected in [notice("join", "ann", 2), *(f"m{i}" for i in range(total))]:
+            assert await recv(carol) == expected
+        assert json.loads(await recv(carol))["type"] == "leave"  # stored by now
+        everything = await node.history()
+        assert len(everything) == total + 3
+        async with Client(node.chat("bob"), **FAST) as bob:
+            replayed = [await bob.next_message() for _ in range(CHAT_REPLAY)]
+            assert [m.data for m in replayed] == [t for _, _, t in everything[-CHAT_REPLAY:]]
+            joined = await bob.wait_for(Joined)
+            assert joined.replayed == CHAT_REPLAY and joined.recovered is None
 
 
 async def test_reconnect_shows_nothing_twice_and_nothing_missing(node: Chat) -> None:
