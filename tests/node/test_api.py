@@ -680,6 +680,25 @@ async def test_idempotency_key_for_a_room_without_history_gets_400(
         await member.nothing_more()
 
 
+async def test_idempotency_key_on_broadcasts_and_connection_sends_gets_400(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """Broadcasts and sends to one connection are not stored: a key there gets 400 (a
+    backend must not retry them believing it safe); nothing is sent."""
+    node = await nodes.start(config=HISTORY)
+    member = await node.member("r")
+    for path, what in (("/api/broadcast", "a broadcast to everyone"),
+                       (f"/api/connections/{member.id}/messages",
+                        "a message to one connection")):
+        status, body, _ = await post(http, node.api(path), b"x",
+                                     headers={**AUTH, IDEMPOTENCY_KEY: "k1"})
+        assert status == 400, path
+        assert body["error"] == (f"{IDEMPOTENCY_KEY}: {what} is not stored, so a retry "
+                                 "cannot be recognised; only room messages in rooms with "
+                                 "history take a key")
+    await member.nothing_more()
+
+
 class HistoryUnreachableBroker(MemoryBroker):
     """A broker whose Redis is unreachable for publishes to rooms with history too."""
 
