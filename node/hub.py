@@ -79,6 +79,10 @@ from roomcast.shared.rfc6455 import Data as Data  # re-exported: node.api import
 
 log = logging.getLogger("roomcast.node")
 
+_DRAIN_POLL: Final = 0.005
+"""Seconds between checks of a client's unsent bytes while a long replay waits for it
+(the transport has no drain event the hub can await)."""
+
 
 class Hub:
     """The seed's ``Hub``: connections, rooms and broadcasts of one node.
@@ -511,11 +515,23 @@ class Hub:
             return  # it left the room (or closed) during the read
         previous = conn.previous
         replayed = 0
+        budget = max(self.config.send_buffer_limit // 2, 1)
+        queued = 0
         for env in envelopes:
             if previous is not None and env.exclude == previous:
                 continue
-            self._send_one(conn, message_frame(env.payload, env.binary, name,
-                                               Position(env.epoch, env.offset)))
+            frame = message_frame(env.payload, env.binary, name, (env.epoch, env.offset))
+            if queued and queued + len(frame.payload) > budget:
+                # A long replay goes out as fast as the client reads it, not all at
+                # once: queued whole it could exceed send_buffer_limit and cut off a
+                # client that is reading.
+                await self._drained(conn, budget)
+                if (self._pending.get(name, {}).get(conn.id) is not pending
+                        or conn.state is not ConnectionState.OPEN):
+                    return
+                queued = 0
+            self._send_one(conn, frame)
+            queued += len(frame.payload)
             replayed += 1
         stats = self.stats
         stats.messages_recovered += replayed
@@ -530,6 +546,17 @@ class Hub:
         if pending.caught_up(self._catchup.stream(name)):
             self._drop_pending(name, conn.id)
             self._rooms.activate(name, conn.id)
+
+    async def _drained(self, conn: Connection, below: int) -> None:
+        """Write what is queued for ``conn`` and wait until less than ``below`` bytes of
+        it are unsent, or the connection ends; after ``pong_timeout`` the wait ends
+        anyway (the next frame then meets the slow-consumer rule)."""
+        conn.flush()
+        deadline = time.monotonic() + max(self.config.pong_timeout, 1.0)
+        # Polled: the transport's own pause/resume marks are not this threshold.
+        while (conn.state is ConnectionState.OPEN and conn.unsent_now() >= below  # noqa: ASYNC110
+               and time.monotonic() < deadline):
+            await asyncio.sleep(_DRAIN_POLL)
 
     def _drop_pending(self, room: Room, conn_id: ConnectionId) -> None:
         pending = self._pending.get(room)

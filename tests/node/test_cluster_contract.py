@@ -64,6 +64,24 @@ class Cluster:
         self.opened: dict[Hub, asyncio.Queue[Connection]] = {}
         self.received: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.closed: asyncio.Queue[str] = asyncio.Queue()
+        self.servers: list[RedisServer] = []
+        """The Redis servers of the medium (none for memory)."""
+
+    def cut_links(self) -> None:
+        """Drop every node's subscription link, as ``CLIENT KILL TYPE pubsub`` does (the
+        Redis brokers reconnect on their own; memory ones wait for ``heal_links``)."""
+        for server in self.servers:
+            with server.client() as client:
+                client.client_kill_filter(_type="pubsub")
+        for hub in self.hubs:
+            if isinstance(hub.broker, MemoryBroker):
+                hub.broker.lose_link()
+
+    def heal_links(self) -> None:
+        """Memory brokers get their links back (and report their rooms resumed)."""
+        for hub in self.hubs:
+            if isinstance(hub.broker, MemoryBroker):
+                hub.broker.restore_link()
 
     async def add_node(self) -> Hub:
         hub = Hub(self.config, broker=self.make_broker())
@@ -127,6 +145,7 @@ async def hcluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterato
 async def _cluster(request: pytest.FixtureRequest, serve: Serve, config: HubConfig | None
                    ) -> AsyncIterator[Cluster]:
     redis_server: RedisServer | None = None
+    servers: list[RedisServer] = []
     if request.param == "memory":
         bus = MemoryBus()
 
@@ -135,7 +154,9 @@ async def _cluster(request: pytest.FixtureRequest, serve: Serve, config: HubConf
     elif request.param == "redis-cluster":
         from roomcast.broker.redis_cluster import RedisClusterBroker
 
-        cluster_url = request.getfixturevalue("redis_cluster").url
+        local: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        cluster_url = local.url
+        servers = list(local.servers)
         prefix = f"contract{next(_prefixes)}"
 
         def make_broker() -> Broker:
@@ -144,6 +165,7 @@ async def _cluster(request: pytest.FixtureRequest, serve: Serve, config: HubConf
         from roomcast.broker.redis import RedisBroker
 
         redis_server = RedisServer().start()
+        servers = [redis_server]
         url = redis_server.url
 
         def make_broker() -> Broker:
@@ -152,6 +174,7 @@ async def _cluster(request: pytest.FixtureRequest, serve: Serve, config: HubConf
     try:
         async with aiohttp.ClientSession() as session:
             c = Cluster(make_broker, serve, session, config)
+            c.servers = servers
             try:
                 for _ in range(3):
                     await c.add_node()
@@ -362,3 +385,26 @@ async def test_idempotent_publish_is_stored_once(hcluster: Cluster) -> None:
     for member in members:
         assert await member.messages(2) == [(1, "pay"), (2, "next")]
         await member.nothing_more()
+
+
+async def test_every_member_gets_every_message_once_across_a_lost_link(
+        hcluster: Cluster) -> None:
+    """Subscription links dropped during a publish burst: once they are back, each node
+    reads what it missed, and every member gets every message exactly once, in order."""
+    members = [(await v1_member(hcluster, i, "h"))[0] for i in range(3)]
+    total = 60
+    for i in range(1, total + 1):
+        await hcluster.hubs[i % 2].broadcast_to_room("h", f"m{i}")
+        if i == 20:
+            hcluster.cut_links()
+        elif i == 40:
+            hcluster.heal_links()
+    expected = [(i, f"m{i}") for i in range(1, total + 1)]
+    for member in members:
+        assert await member.messages(total) == expected
+    await hcluster.hubs[2].broadcast_to_room("h", "after")
+    for member in members:
+        assert await member.messages(1) == [(total + 1, "after")]
+        await member.nothing_more()
+    assert sum(hub.stats.catchup_gaps_lost for hub in hcluster.hubs) == 0
+    assert all(hub.broker.stats.resumed_rooms >= 1 for hub in hcluster.hubs)
