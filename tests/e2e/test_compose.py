@@ -5,7 +5,9 @@ machine can run one): every node service's command and
 environment pass ``roomcast serve --check``; haproxy mounts the cfg scripts/cluster uses,
 gets every variable the cfg needs, and points at every node on its port; ``haproxy -c``
 accepts the cfg with the compose and the local environments; the Dockerfile's build
-context holds what the package needs and its command is the package's console script.
+context holds what the package needs and its command is the package's console script;
+a real redis-server run with the Redis service's arguments keeps rooms' positions across
+a crash.
 """
 
 from __future__ import annotations
@@ -286,11 +288,15 @@ def test_node_service_reaches_redis_restarts_and_drains(name: str) -> None:
     assert notice >= inter + 0.25 * (2 - 1) + 0.5, (notice, inter)
 
 
-def test_redis_service_keeps_nothing_on_disk() -> None:
+def test_redis_service_keeps_history_in_an_fsynced_append_only_file() -> None:
+    """Rooms have history by default: Redis writes an AOF fsynced on every write (the only
+    setting under which a restart keeps the rooms' epochs), no RDB snapshots."""
     command = SERVICES[_service_by_image("redis:")]["command"]
     assert command[0] == "redis-server"
     assert "--save" in command and command[command.index("--save") + 1] == ""
-    assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "no"
+    assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
+    assert "--appendfsync" in command
+    assert command[command.index("--appendfsync") + 1] == "always"
 
 
 # -- haproxy service and scripts/haproxy.cfg ---------------------------------------------
@@ -354,11 +360,16 @@ def test_haproxy_stop_grace_outlasts_its_hard_stop() -> None:
     assert grace >= _seconds(match.group(1)) + 2
 
 
-def test_redis_leaves_no_volume_behind() -> None:
-    """The single Redis keeps nothing: /data is a tmpfs, so no anonymous volume is made
-    (the image declares VOLUME /data)."""
-    tmpfs = SERVICES[_service_by_image("redis:")].get("tmpfs")
-    assert tmpfs in ("/data", ["/data"]), tmpfs
+def test_redis_data_is_a_named_volume() -> None:
+    """The AOF in /data (the image's VOLUME) is a named volume of the project: it survives
+    a restarted or recreated container, and ``down -v`` removes it (no anonymous volume
+    is left behind)."""
+    service = SERVICES[_service_by_image("redis:")]
+    assert "tmpfs" not in service
+    mounts = [v.split(":")[:2] if isinstance(v, str) else [v["source"], v["target"]]
+              for v in service["volumes"]]
+    assert len(mounts) == 1 and mounts[0][1] == "/data", mounts
+    assert mounts[0][0] in COMPOSE["volumes"], mounts
 
 
 def test_haproxy_cfg_passes_haproxy_check_with_compose_env() -> None:
@@ -581,3 +592,28 @@ def test_installed_package_serves_the_chat_page_from_any_directory(tmp_path: Pat
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+async def test_redis_service_settings_keep_positions_across_a_crash() -> None:
+    """A real redis-server run with the compose file's Redis arguments: after a SIGKILL and
+    a restart on the same data, a room's positions go on in the same epoch (the settings
+    are the durable ones, README "Delivery guarantees")."""
+    from roomcast.broker import Publisher
+    from roomcast.shared.history import History, HistoryPolicy
+    from tests.redis_server import RedisServer
+
+    command = SERVICES[_service_by_image("redis:")]["command"]
+    policy = HistoryPolicy(History(10, 60))
+    with RedisServer(extra_args=tuple(command[1:])) as server:
+        with server.client() as client:
+            assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        async with Publisher(server.url, prefix="compose", history=policy) as pub:
+            first = await pub.publish_to_room("lobby", "before the crash")
+        server.kill()
+        server.start()
+        async with Publisher(server.url, prefix="compose", history=policy) as pub:
+            second = await pub.publish_to_room("lobby", "after the crash")
+            page = await pub.room_history("lobby", since=0)
+    assert first is not None and second is not None
+    assert (second.epoch, second.offset) == (first.epoch, first.offset + 1)
+    assert [e.payload for e in page.envelopes] == [b"before the crash", b"after the crash"]
