@@ -256,7 +256,7 @@ class RedisBroker:
             failing = self._failing.get(self._transport.failure_domain(channel))
             if failing is not None:
                 self.stats.publish_failures += 1
-                raise PublishError(failing[1])
+                raise PublishError(failing[1], maybe_sent=False)
         position: Position | None = None
         try:
             if history is None:

@@ -128,6 +128,11 @@ class Hub:
         """Rooms with history whose first subscribe is under way (later joiners wait)."""
         self._catchup = Catchup(self._read_gap, self._emit_steps, self.stats,
                                 limit=min(self.config.recovery_max, MAX_READ_LIMIT))
+        self._unconfirmed: dict[_Sent, bool] = {}
+        """This node's publishes to rooms with history whose answer has not come (False),
+        or whose publish failed after it may have reached Redis and which local members
+        therefore got without a position (True). Redis may still have stored such a
+        message: its copy from the stream is then not delivered here a second time."""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -637,8 +642,10 @@ class Hub:
         the position it got is returned (None for a room without history);
         ``idempotency_key``: a retry with the same key within the room's history window
         is stored and delivered once, and returns the first position. In a room with
-        history, PublishError means the message was not stored: local members got it
-        without a position.
+        history, PublishError means the message was probably not stored: local members
+        got it once, without a position; when ``exc.maybe_sent`` it may still be stored
+        (Redis was frozen, not down) and then reaches the other nodes late, and a retry
+        should carry the same idempotency key.
         """
         name = validate_room(room)
         prepared = PreparedMessage.of(data)
@@ -658,13 +665,27 @@ class Hub:
             return None
         env = Envelope(Kind.ROOM, name, prepared.payload, prepared.binary, self.node_id,
                        exclude or "", time.time())
+        sent = _sent(env)
+        unconfirmed = self._unconfirmed
+        unconfirmed[sent] = False
         try:
             position = await self.broker.publish(env, history=history,
                                                  idempotency_key=idempotency_key)
-        except PublishError:
-            # Not stored: local members still get it, without a position.
+        except PublishError as exc:
+            if unconfirmed.pop(sent, None) is None:
+                raise  # it was stored after all, and the stream delivered it here
+            # Probably not stored: local members still get it, without a position. If it
+            # may have reached Redis, remember it, so that its stored copy is not
+            # delivered here again (a frozen Redis runs the script once it thaws).
             self._deliver_room(name, prepared, exclude, None)
+            if exc.maybe_sent:
+                unconfirmed[sent] = True
+                if len(unconfirmed) > _MAX_UNCONFIRMED:
+                    del unconfirmed[next(iter(unconfirmed))]
             raise
+        finally:
+            if unconfirmed.get(sent) is False:
+                del unconfirmed[sent]
         if position is not None and not self._catchup.offer(
                 env.with_position(position.epoch, position.offset)):
             self._deliver_room(name, prepared, exclude, None)  # no local member tracks it
@@ -818,6 +839,9 @@ class Hub:
                     self._offer_pending(name, pending, None, (
                         LOST, step.position.epoch, step.position.offset, frame))
             else:
+                if (step.origin == self.node_id and self._unconfirmed
+                        and self._unconfirmed.pop(_sent(step), False)):
+                    continue  # members got it when its publish failed (see broadcast)
                 self._deliver_room(name, step, step.exclude or None, (step.epoch, step.offset))
         pending = self._pending.get(name)
         if pending:
@@ -918,6 +942,17 @@ def _check_replay(replay: object) -> None:
         raise TypeError(f"replay must be an int, got {type(replay).__name__}")
     if not 0 <= replay <= MAX_READ_LIMIT:
         raise ValueError(f"replay must be from 0 to {MAX_READ_LIMIT}, got {replay}")
+
+
+_Sent = tuple[str, float, str, bytes]
+_MAX_UNCONFIRMED: Final = 1024
+"""Failed publishes remembered at most (the oldest is forgotten first)."""
+
+
+def _sent(env: Envelope) -> _Sent:
+    """What tells one of this node's room publishes from another: room, time sent,
+    excluded connection and payload (the stream's copy carries them unchanged)."""
+    return (env.target, env.sent_at, env.exclude, env.payload)
 
 
 HUB: Final = web.AppKey("roomcast_hub", Hub)

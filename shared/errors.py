@@ -59,4 +59,13 @@ class PublishError(BrokerError):
     """A cross-node publish could not be made.
 
     Local members were already served; members on other nodes did not get the message.
+    ``maybe_sent`` is False when the command certainly never reached Redis (the broker
+    was failing fast after an earlier failure), True when it may have (it timed out or
+    the link broke after it was written): in a room with history such a message may
+    still be stored and delivered later, so a retry should carry the same idempotency
+    key.
     """
+
+    def __init__(self, message: str, *, maybe_sent: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
