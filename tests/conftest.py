@@ -4,6 +4,7 @@ the event loops the in-process tests run on."""
 from __future__ import annotations
 
 import asyncio
+import encodings.idna  # noqa: F401  (see below)
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from aiohttp.test_utils import TestServer
 from tests.loops import LOOPS, LoopFactory
 
 Serve = Callable[[web.Application], Awaitable[str]]
+# uvloop's getaddrinfo encodes host names with 'idna', importing encodings.idna on first
+# use; on Python 3.11 that first import inside a running test once failed with a KeyError
+# from importlib's module lock. Imported here, before any loop runs.
 
 TESTS = Path(__file__).resolve().parent
 PACKAGES_ON_EVERY_LOOP = frozenset({"node", "e2e"})

@@ -206,7 +206,7 @@ async def test_publisher_publishes_with_the_nodes_history(backend: Backend) -> N
 async def test_publisher_history_failure_is_a_publish_error(own_backend: Backend) -> None:
     """With Redis gone, a history publish raises PublishError and is counted."""
     room = fresh_room()
-    async with own_backend.publisher(history=HistoryPolicy(H), socket_timeout=0.5) as pub:
+    async with own_backend.publisher(history=HistoryPolicy(H), socket_timeout=2.0) as pub:
         await pub.publish_to_room(room, "x")
         own_backend.kill()
         with pytest.raises(PublishError):
