@@ -804,18 +804,18 @@ async def test_browser_client_against_the_fake_server(serve: Serve,
 # ---------------------------------------------------------------------------- docs
 
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "clients.md"
+DOCS = Path(__file__).resolve().parents[2] / "README.md"
 
 
 async def test_the_python_example_in_the_docs_runs(serve: Serve,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """docs/clients.md's Python example, run as written against a v1 server, sends,
+    """README.md's Python example, run as written against a v1 server, sends,
     prints messages and a lost history, and ends when the server closes for good."""
     blocks = re.findall(r"```python\n(# example: client\n.*?)```", DOCS.read_text(), re.S)
-    assert len(blocks) == 1, "no '# example: client' block in docs/clients.md"
+    assert len(blocks) == 1, "no '# example: client' block in README.md"
     fake = FakeV1()
     namespace: dict[str, Any] = {"__name__": "docs_client"}
-    exec(compile(blocks[0], "docs/clients.md", "exec"), namespace)
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
     namespace["URL"] = (await serve(fake.app)).replace("http", "ws") + "/chat?room=lobby&name=bot"
     task = asyncio.create_task(namespace["main"]())
     try:
