@@ -101,6 +101,10 @@ async def test_page_reconnects_and_shows_every_line_once(cluster: ChatCluster,
     expected = [f"line {i}" for i in range(LINES)]
     async with async_playwright() as pw, two_pages(pw, cluster, room) as (ann, bob):
         await record_states(bob)
+        await bob.page.evaluate("""() => {
+            window.joins = [];
+            window.chat.client.on("joined", (j) => { window.joins.push(j); });
+        }""")  # a function: evaluating on()'s result would call it (and stop listening)
         bob_node = bob.nodes[-1]
         for text in expected[:10]:
             await say_and_see(ann, text)
@@ -123,6 +127,8 @@ async def test_page_reconnects_and_shows_every_line_once(cluster: ChatCluster,
         states: list[str] = await bob.page.evaluate("window.stateLog")
         assert any(re.fullmatch(r"reconnecting\.\.\. \(attempt 1, in \d+\.\d s\)", s)
                    for s in states), states
+        joins: list[dict[str, Any]] = await bob.page.evaluate("window.joins")
+        assert [(j["room"], j["recovered"]) for j in joins] == [(room, True)], joins
         reconnects: list[dict[str, Any]] = await bob.page.evaluate("window.chat.reconnects")
         first = reconnects[0]
         if how == "drain":
