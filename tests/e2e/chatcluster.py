@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,11 +112,3 @@ def chat_cluster(count: int = 3, *extra: str) -> Iterator[ChatCluster]:
             node.kill()
         redis.cleanup()
 
-
-def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
-    """Poll a synchronous predicate (process state) until true, bounded."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{predicate} still false after {timeout}s")
-        time.sleep(interval)
