@@ -79,6 +79,10 @@ from roomcast.shared.rfc6455 import Data as Data  # re-exported: node.api import
 
 log = logging.getLogger("roomcast.node")
 
+_DRAIN_POLL: Final = 0.005
+"""Seconds between checks of a client's unsent bytes while a long replay waits for it
+(the transport has no drain event the hub can await)."""
+
 
 class Hub:
     """The seed's ``Hub``: connections, rooms and broadcasts of one node.
@@ -511,11 +515,23 @@ class Hub:
             return  # it left the room (or closed) during the read
         previous = conn.previous
         replayed = 0
+        budget = max(self.config.send_buffer_limit // 2, 1)
+        queued = 0
         for env in envelopes:
             if previous is not None and env.exclude == previous:
                 continue
-            self._send_one(conn, message_frame(env.payload, env.binary, name,
-                                               Position(env.epoch, env.offset)))
+            frame = message_frame(env.payload, env.binary, name, (env.epoch, env.offset))
+            if queued and queued + len(frame.payload) > budget:
+                # A long replay goes out as fast as the client reads it, not all at
+                # once: queued whole it could exceed send_buffer_limit and cut off a
+                # client that is reading.
+                await self._drained(conn, budget)
+                if (self._pending.get(name, {}).get(conn.id) is not pending
+                        or conn.state is not ConnectionState.OPEN):
+                    return
+                queued = 0
+            self._send_one(conn, frame)
+            queued += len(frame.payload)
             replayed += 1
         stats = self.stats
         stats.messages_recovered += replayed
@@ -530,6 +546,17 @@ class Hub:
         if pending.caught_up(self._catchup.stream(name)):
             self._drop_pending(name, conn.id)
             self._rooms.activate(name, conn.id)
+
+    async def _drained(self, conn: Connection, below: int) -> None:
+        """Write what is queued for ``conn`` and wait until less than ``below`` bytes of
+        it are unsent, or the connection ends; after ``pong_timeout`` the wait ends
+        anyway (the next frame then meets the slow-consumer rule)."""
+        conn.flush()
+        deadline = time.monotonic() + max(self.config.pong_timeout, 1.0)
+        # Polled: the transport's own pause/resume marks are not this threshold.
+        while (conn.state is ConnectionState.OPEN and conn.unsent_now() >= below  # noqa: ASYNC110
+               and time.monotonic() < deadline):
+            await asyncio.sleep(_DRAIN_POLL)
 
     def _drop_pending(self, room: Room, conn_id: ConnectionId) -> None:
         pending = self._pending.get(room)
@@ -613,13 +640,13 @@ class Hub:
         """
         name = validate_room(room)
         prepared = PreparedMessage.of(data)
-        self.stats.broadcasts += 1
         history = self.history_for(name)
+        if idempotency_key is not None and history is None:
+            validate_idempotency_key(idempotency_key)
+            raise ValueError(f"room {name!r} has no history, so an idempotency key cannot "
+                             "be honoured; give the room a History (HubConfig.history)")
+        self.stats.broadcasts += 1
         if history is None:
-            if idempotency_key is not None:
-                validate_idempotency_key(idempotency_key)
-                raise ValueError(f"room {name!r} has no history, so an idempotency key "
-                                 "cannot be honoured; give the room a History")
             self._deliver_room(name, prepared, exclude, None)
             if self.broker.has_peers:
                 await self.broker.publish(
@@ -729,15 +756,19 @@ class Hub:
                       exclude)
 
     def _deliver_room(
-        self, name: Room, prepared: PreparedMessage, exclude: str | None,
+        self, name: Room, prepared: PreparedMessage | Envelope, exclude: str | None,
         position: Position | tuple[str, int] | None,
     ) -> None:
-        """A room message to the room's local members: the plain ones get ``prepared``,
-        the v1 ones one frame with the room (and ``position``), framed once for all;
-        members still joining get it through their ``PendingJoin``."""
+        """A room message to the room's local members: the plain ones get it as it is,
+        the v1 ones one frame with the room (and ``position``), each framed once for all;
+        members still joining get it through their ``PendingJoin``. ``prepared`` may be
+        the envelope itself: its plain frame is then made only if a plain member needs it.
+        """
         rooms = self._rooms
         plain = rooms.plain(name)
         if plain:
+            if isinstance(prepared, Envelope):
+                prepared = PreparedMessage(prepared.payload, binary=prepared.binary)
             self._deliver(plain.values(), prepared, exclude)
         framed = rooms.framed(name)
         pending = self._pending.get(name)
@@ -785,8 +816,7 @@ class Hub:
                     self._offer_pending(name, pending, None, (
                         LOST, step.position.epoch, step.position.offset, frame))
             else:
-                self._deliver_room(name, PreparedMessage(step.payload, binary=step.binary),
-                                   step.exclude or None, (step.epoch, step.offset))
+                self._deliver_room(name, step, step.exclude or None, (step.epoch, step.offset))
         pending = self._pending.get(name)
         if pending:
             stream = self._catchup.stream(name)
@@ -810,14 +840,15 @@ class Hub:
         Positioned room envelopes (rooms with history, this node's own included) go
         through the stream tracker; other envelopes of this node are ignored.
         """
-        if env.kind is Kind.ROOM and env.offset:
-            if self._catchup.offer(env) or env.origin == self.node_id:
-                return
-        elif env.origin == self.node_id:
+        if env.origin == self.node_id:
+            if env.kind is Kind.ROOM and env.offset:
+                self._catchup.offer(env)  # the echo of our own publish: in stream order
             return
         self.stats.envelopes_received += 1
         if self.on_envelope_latency is not None and env.sent_at:
             self.on_envelope_latency(max(0.0, time.time() - env.sent_at))
+        if env.kind is Kind.ROOM and env.offset and self._catchup.offer(env):
+            return
         prepared = PreparedMessage(env.payload, binary=env.binary)
         exclude = env.exclude or None
         if env.kind is Kind.ROOM:

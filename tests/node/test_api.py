@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 
-from roomcast.broker import Broker, MemoryBroker, MemoryBus
+from roomcast.broker import Broker, MemoryBroker, MemoryBus, Publisher, RedisBroker
 from roomcast.node import HUB, Connection, EventHandler, Hub, HubConfig
 from roomcast.node.api import IDEMPOTENCY_KEY
 from roomcast.node.app import NodeOptions, create_app
@@ -27,6 +27,7 @@ from roomcast.shared.envelope import Envelope
 from roomcast.shared.errors import BrokerError, PublishError
 from roomcast.shared.history import History, HistoryPolicy, Position
 from roomcast.shared.ids import ConnectionId, Room
+from tests.redis_server import RedisServer
 
 Serve = Callable[[web.Application], Awaitable[str]]
 
@@ -679,6 +680,25 @@ async def test_idempotency_key_for_a_room_without_history_gets_400(
         await member.nothing_more()
 
 
+async def test_idempotency_key_on_broadcasts_and_connection_sends_gets_400(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """Broadcasts and sends to one connection are not stored: a key there gets 400 (a
+    backend must not retry them believing it safe); nothing is sent."""
+    node = await nodes.start(config=HISTORY)
+    member = await node.member("r")
+    for path, what in (("/api/broadcast", "a broadcast to everyone"),
+                       (f"/api/connections/{member.id}/messages",
+                        "a message to one connection")):
+        status, body, _ = await post(http, node.api(path), b"x",
+                                     headers={**AUTH, IDEMPOTENCY_KEY: "k1"})
+        assert status == 400, path
+        assert body["error"] == (f"{IDEMPOTENCY_KEY}: {what} is not stored, so a retry "
+                                 "cannot be recognised; only room messages in rooms with "
+                                 "history take a key")
+    await member.nothing_more()
+
+
 class HistoryUnreachableBroker(MemoryBroker):
     """A broker whose Redis is unreachable for publishes to rooms with history too."""
 
@@ -706,3 +726,50 @@ async def test_unreachable_broker_in_a_history_room_says_to_retry_with_the_key(
     assert f"same {IDEMPOTENCY_KEY}" in body["error"]
     assert "redis unreachable (test)" in body["error"]
     assert await member.recv() == "local"
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A private redis-server (free port, no persistence) for one test."""
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.cleanup()
+
+
+async def test_idempotent_retry_across_nodes_on_real_redis(
+    nodes: Nodes, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """Two nodes on one real Redis, and a Publisher with the same policy: a message sent
+    with a key through the Publisher, then retried through either node's API with the
+    same key, has one position, is stored once and reaches every member once."""
+    one = await nodes.start(broker=RedisBroker(redis_url, prefix="api"), config=HISTORY)
+    two = await nodes.start(broker=RedisBroker(redis_url, prefix="api"), config=HISTORY)
+    try:
+        a, b = await one.member("r"), await two.member("r")
+        # b's node subscribed before answering; a message now reaches it
+        await one.hub.broadcast_to_room("r", "warm-up")
+        assert await a.recv() == "warm-up"
+        assert await b.recv() == "warm-up"
+        async with Publisher(redis_url, prefix="api", history=HISTORY.history) as pub:
+            position = await pub.publish_to_room("r", "invoice 7 paid",
+                                                 idempotency_key="invoice-7:paid")
+        assert position is not None
+        assert await a.recv() == "invoice 7 paid"
+        assert await b.recv() == "invoice 7 paid"
+        expected = {"status": "accepted", "room": "r", "epoch": position.epoch,
+                    "offset": position.offset}
+        for retry_on in (one, two):
+            status, body, _ = await post(http, retry_on.api("/api/rooms/r/messages"),
+                                         b"invoice 7 paid",
+                                         headers={**AUTH, IDEMPOTENCY_KEY: "invoice-7:paid"})
+            assert (status, body) == (202, expected)
+        await a.nothing_more()
+        await b.nothing_more()
+        page = await one.hub.room_history(Room("r"), since=0)
+        assert [e.payload for e in page.envelopes] == [b"warm-up", b"invoice 7 paid"]
+        assert page.position == position
+    finally:
+        for n in (one, two):
+            await n.hub.close()
