@@ -631,12 +631,14 @@ class Hub:
     ) -> Position | None:
         """Send ``data`` to every member of ``room`` on every node (``broadcastToRoom``).
 
-        Local members get it before this returns; PublishError means members on other
-        nodes did not. In a room with history the message is stored and the position it
-        got is returned (None for a room without history); ``idempotency_key``: a retry
-        with the same key within the room's history window is stored and delivered once,
-        and returns the first position. In a room with history, PublishError means the
-        message was not stored: local members got it without a position.
+        Local members get it before this returns (in a room with history, once the
+        room's earlier messages are delivered here: normally at once); PublishError means
+        members on other nodes did not. In a room with history the message is stored and
+        the position it got is returned (None for a room without history);
+        ``idempotency_key``: a retry with the same key within the room's history window
+        is stored and delivered once, and returns the first position. In a room with
+        history, PublishError means the message was not stored: local members got it
+        without a position.
         """
         name = validate_room(room)
         prepared = PreparedMessage.of(data)
