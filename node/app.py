@@ -22,6 +22,7 @@ from roomcast.node.demo import add_demo_routes
 from roomcast.node.health import BrokerHealth, Drain, sampling
 from roomcast.node.hub import HUB, Hub
 from roomcast.node.metrics import setup_metrics
+from roomcast.node.static_routes import add_static_routes
 from roomcast.shared.config import HubConfig
 
 
@@ -94,6 +95,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     add_demo_routes(app)
+    add_static_routes(app)
     if options.metrics:
         setup_metrics(app, hub, health)
     setup_api(app, hub, options.api_key)

@@ -74,6 +74,7 @@ PROTOCOL: Final = "roomcast.v1"
 """The WebSocket subprotocol this client offers and requires."""
 
 SINCE_PARAM: Final = "roomcast.since"
+PREVIOUS_PARAM: Final = "roomcast.previous"
 """The query parameter that declares the client's positions on a reconnect."""
 
 MAX_DECLARED_ROOMS: Final = 100
@@ -610,7 +611,8 @@ class Client:
 
     @property
     def url(self) -> URL:
-        """The URL the next connection uses (without ``roomcast.since``)."""
+        """The application's URL (a connection adds ``roomcast.since`` and, on a
+        reconnect, ``roomcast.previous``)."""
         return self._url
 
     @property
@@ -816,10 +818,17 @@ class Client:
             self._events.put_nowait(item)
 
     def _connect_url(self) -> URL:
+        """The application's URL with the positions to declare (``roomcast.since``) and,
+        on a reconnect, the id of the connection they come from (``roomcast.previous``):
+        what the server sent "to the room except that connection" is then not replayed
+        to it. Stale values of either in the application's URL are replaced."""
+        url = self._url.without_query_params(SINCE_PARAM, PREVIOUS_PARAM)
         since = self._positions.since(self._max_since_length)
-        if since is None:
-            return self._url.without_query_params(SINCE_PARAM)
-        return self._url.update_query({SINCE_PARAM: since})
+        if since is not None:
+            url = url.update_query({SINCE_PARAM: since})
+        if self.connection_id is not None:
+            url = url.update_query({PREVIOUS_PARAM: self.connection_id})
+        return url
 
     async def _handshake(self) -> aiohttp.ClientWebSocketResponse:
         """One upgrade, checked: roomcast.v1 or ``SubprotocolError``; a refusal raises

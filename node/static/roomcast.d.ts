@@ -1,4 +1,4 @@
-// Types for roomcast.js, the roomcast.v1 browser client (docs/protocol.md).
+// Types for roomcast.js 0.1.0, the roomcast.v1 browser client (docs/protocol.md).
 // The script is UMD: a global `Roomcast` in a page, `module.exports` for bundlers.
 
 export = Roomcast;
@@ -11,6 +11,8 @@ declare namespace Roomcast {
   const PROTOCOL: "roomcast.v1";
   /** "roomcast.since", the query parameter that declares positions. */
   const SINCE_PARAM: "roomcast.since";
+  /** "roomcast.previous", the query parameter that names the connection reconnected from. */
+  const PREVIOUS_PARAM: "roomcast.previous";
   /** 100: the protocol's limit on rooms in one roomcast.since. */
   const MAX_DECLARED_ROOMS: number;
 
@@ -151,7 +153,7 @@ declare namespace Roomcast {
   class Client {
     constructor(url: string | URL, options?: ClientOptions);
     readonly state: State;
-    /** The URL the next connection uses (without roomcast.since). */
+    /** The app's URL (a connection adds roomcast.since and, on a reconnect, roomcast.previous). */
     readonly url: string;
     /** A copy of the last position per room: what a reconnect declares. */
     readonly positions: Record<string, Position>;

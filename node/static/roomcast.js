@@ -30,6 +30,7 @@ function () {
   const VERSION = "0.1.0";
   const PROTOCOL = "roomcast.v1";
   const SINCE_PARAM = "roomcast.since";
+  const PREVIOUS_PARAM = "roomcast.previous";
   const MAX_DECLARED_ROOMS = 100; // the protocol's limit on rooms in one roomcast.since
   const MAX_ROOM_LENGTH = 200;
   const EPOCH = /^[0-9A-Za-z_-]{1,32}$/;
@@ -417,7 +418,7 @@ function () {
     /** "idle", "connecting", "open", "reconnecting" or "closed" (for good). */
     get state() { return this._state; }
 
-    /** The URL the next connection uses (without roomcast.since). */
+    /** The app's URL (the next connection adds roomcast.since and roomcast.previous). */
     get url() { return this._url.href; }
 
     /** A copy of the last position per room: what a reconnect declares. */
@@ -510,12 +511,25 @@ function () {
       }
     }
 
+    /**
+     * The URL of the next upgrade: the app's URL with the positions to declare
+     * (roomcast.since) and, on a reconnect, the id of the connection those positions
+     * come from (roomcast.previous), so that what the server sent "to the room except
+     * that connection" is not replayed to it. Stale values in the app's URL go.
+     */
     _connectUrl() {
       const since = this._book.since(this._maxSinceLength);
-      if (since === null && !this._url.searchParams.has(SINCE_PARAM)) return this._url.href;
+      const previous = this.connection;
+      const params = this._url.searchParams;
+      if (since === null && previous === null && !params.has(SINCE_PARAM)
+          && !params.has(PREVIOUS_PARAM)) {
+        return this._url.href;
+      }
       const url = new URL(this._url.href);
       if (since === null) url.searchParams.delete(SINCE_PARAM);
       else url.searchParams.set(SINCE_PARAM, since);
+      if (previous === null) url.searchParams.delete(PREVIOUS_PARAM);
+      else url.searchParams.set(PREVIOUS_PARAM, previous);
       return url.href;
     }
 
@@ -670,6 +684,7 @@ function () {
     VERSION,
     PROTOCOL,
     SINCE_PARAM,
+    PREVIOUS_PARAM,
     MAX_DECLARED_ROOMS,
     Client,
     PositionBook,

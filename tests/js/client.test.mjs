@@ -102,6 +102,9 @@ test("after an unexpected close it reconnects declaring its positions, and resum
   clock.advance(1);
   assert.equal(sockets.length, 2);
   assert.deepEqual(last().since, { lobby: ["e", 3] });
+  assert.equal(new URL(sockets[0].url).searchParams.get("roomcast.previous"), null);
+  assert.equal(new URL(last().url).searchParams.get("roomcast.previous"), "n1.1",
+               "the connection the positions come from");
   assert.equal(new URL(last().url).searchParams.get("name"), "ann", "the app's query is kept");
   last().welcome();
   assert.equal(of("open")[1].reconnect, true);
@@ -391,4 +394,28 @@ test("a binary frame whose ArrayBuffer comes from another realm (an iframe) is r
   assert.deepEqual(Array.from(of("message")[0].data), [7]);
   client.send(foreign);
   assert.equal(last().sent[0], foreign);
+});
+
+test("each reconnect names the connection of the last welcome in roomcast.previous", () => {
+  const { client, sockets, last, clock } = setup({},
+    "ws://hub.test/chat?room=a&roomcast.previous=old.1");
+  client.connect();
+  assert.equal(new URL(last().url).searchParams.get("roomcast.previous"), null,
+               "a stale one in the app's URL is not sent");
+  last().welcome("n1", "n1.7");
+  last().serverClose(1006);
+  clock.advance(60000);
+  assert.equal(new URL(last().url).searchParams.get("roomcast.previous"), "n1.7");
+  last().serverClose(1006); // never welcomed: the last welcome is still n1.7's
+  clock.advance(60000);
+  assert.equal(new URL(last().url).searchParams.get("roomcast.previous"), "n1.7");
+  last().welcome("n2", "n2.3");
+  last().serverClose(1001);
+  clock.advance(60000);
+  const url = new URL(last().url);
+  assert.equal(url.searchParams.get("roomcast.previous"), "n2.3");
+  assert.equal(url.searchParams.getAll("roomcast.previous").length, 1);
+  assert.equal(url.searchParams.get("room"), "a");
+  assert.equal(sockets.length, 4);
+  assert.equal(client.url, "ws://hub.test/chat?room=a&roomcast.previous=old.1", "the app's URL");
 });

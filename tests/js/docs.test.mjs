@@ -1,4 +1,4 @@
-// The browser example in docs/clients.md runs as written in a page: roomcast.js and the
+// The browser example in README.md runs as written in a page: roomcast.js and the
 // example's inline script in one context with a document, a location and a WebSocket.
 
 import { test } from "node:test";
@@ -8,12 +8,12 @@ import vm from "node:vm";
 
 import { fakeWebSocket } from "./harness.mjs";
 
-const docs = readFileSync(new URL("../../docs/clients.md", import.meta.url), "utf8");
+const docs = readFileSync(new URL("../../README.md", import.meta.url), "utf8");
 const library = readFileSync(new URL("../../node/static/roomcast.js", import.meta.url), "utf8");
 
 function browserExample() {
   const block = /```html\n<!-- example: browser -->\n([\s\S]*?)```/.exec(docs);
-  assert.ok(block, "no '<!-- example: browser -->' html block in docs/clients.md");
+  assert.ok(block, "no '<!-- example: browser -->' html block in README.md");
   assert.match(block[1], /<script src="\/roomcast\.js"><\/script>/);
   const scripts = Array.from(block[1].matchAll(/<script>([\s\S]*?)<\/script>/g), (m) => m[1]);
   assert.equal(scripts.length, 1);
@@ -34,7 +34,7 @@ test("the browser example connects, shows what happens as text, and sends", () =
   };
   const context = vm.createContext(page);
   vm.runInContext(library, context, { filename: "roomcast.js" });
-  vm.runInContext(browserExample(), context, { filename: "docs/clients.md" });
+  vm.runInContext(browserExample(), context, { filename: "README.md" });
   assert.equal(sockets.length, 1);
   assert.equal(sockets[0].url, "ws://hub.test:8080/chat?room=lobby&name=ann");
   sockets[0].welcome("n1", "n1.1");

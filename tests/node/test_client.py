@@ -387,6 +387,8 @@ async def test_reconnect_resumes_exactly_once(serve: Serve) -> None:
         await fake.accept()
         epoch = fake.room("lobby").epoch
         assert validate_since(fake.handshakes[1]["roomcast.since"]) == {"lobby": (epoch, 3)}
+        assert fake.handshakes[1]["roomcast.previous"] == conn.id, "the positions' connection"
+        assert "roomcast.previous" not in fake.handshakes[0]
         assert fake.handshakes[1]["room"] == "lobby"
         assert (await client.wait_for(Open)).reconnect
         missed = [await client.next_event(), await client.next_event()]
@@ -658,6 +660,28 @@ async def test_declared_positions_on_the_first_connect(live: Live) -> None:
         assert validate_since(live.fake.handshakes[0]["roomcast.since"]) == {room: ("e9", 4)}
 
 
+async def test_each_reconnect_names_the_connection_before_it(serve: Serve) -> None:
+    """roomcast.previous is the id from the last welcome (not the first connection's),
+    and a stale one in the application's URL is never sent."""
+    fake = FakeV1()
+    base = (await serve(fake.app)).replace("http", "ws")
+    url = base + "/chat?room=lobby&roomcast.previous=n0.1&roomcast.since=%7B%7D"
+    async with Client(url, **FAST) as client:
+        ids = []
+        for _ in range(3):
+            conn = await fake.accept()
+            await client.wait_for(Open)
+            assert client.connection_id == conn.id
+            ids.append(conn.id)
+            conn.kill()
+        await fake.accept()
+        await client.wait_for(Open)
+    previous = [handshake.get("roomcast.previous") for handshake in fake.handshakes]
+    assert previous == [None, *ids]
+    assert "roomcast.since" not in fake.handshakes[0], "the stale one is not sent"
+    assert all(h["room"] == "lobby" for h in fake.handshakes)
+
+
 async def test_no_welcome_in_time_is_a_connect_error(serve: Serve) -> None:
     """A server that upgrades with roomcast.v1 but never welcomes: ConnectError in time."""
     async def silent(request: web.Request) -> web.WebSocketResponse:
@@ -780,18 +804,18 @@ async def test_browser_client_against_the_fake_server(serve: Serve,
 # ---------------------------------------------------------------------------- docs
 
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "clients.md"
+DOCS = Path(__file__).resolve().parents[2] / "README.md"
 
 
 async def test_the_python_example_in_the_docs_runs(serve: Serve,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """docs/clients.md's Python example, run as written against a v1 server, sends,
+    """README.md's Python example, run as written against a v1 server, sends,
     prints messages and a lost history, and ends when the server closes for good."""
     blocks = re.findall(r"```python\n(# example: client\n.*?)```", DOCS.read_text(), re.S)
-    assert len(blocks) == 1, "no '# example: client' block in docs/clients.md"
+    assert len(blocks) == 1, "no '# example: client' block in README.md"
     fake = FakeV1()
     namespace: dict[str, Any] = {"__name__": "docs_client"}
-    exec(compile(blocks[0], "docs/clients.md", "exec"), namespace)
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
     namespace["URL"] = (await serve(fake.app)).replace("http", "ws") + "/chat?room=lobby&name=bot"
     task = asyncio.create_task(namespace["main"]())
     try:
