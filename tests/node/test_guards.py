@@ -32,6 +32,7 @@ from websockets.asyncio.client import ClientConnection
 
 from roomcast.node import HUB, Connection, EventHandler, Hub, HubConfig, Message
 from roomcast.node.app import NodeOptions, create_app
+from roomcast.node.static_routes import VERSION
 
 Serve = Callable[[web.Application], Awaitable[str]]
 
@@ -57,10 +58,17 @@ API_MESSAGE_ROUTES: Final = frozenset({
 API_QUERY_ROUTES: Final = frozenset({("GET", "/api/rooms/{room}"), ("HEAD", "/api/rooms/{room}")})
 """/api routes that take no message."""
 OPEN_ROUTES: Final = frozenset(
-    (method, path) for path in ("/", "/healthz", "/readyz", "/metrics")
+    (method, path) for path in (
+        "/", "/healthz", "/readyz", "/metrics", "/roomcast.js", "/roomcast.d.ts",
+        f"/roomcast-{VERSION}.js", f"/roomcast-{VERSION}.d.ts")
     for method in ("GET", "HEAD")
 )
 """Plain HTTP routes that need no key."""
+OTHER_VERSION_ROUTES: Final = frozenset(
+    (method, path) for path in ("/roomcast-{version}.js", "/roomcast-{version}.d.ts")
+    for method in ("GET", "HEAD")
+)
+"""The browser client at another version than this node's: 404 naming this one."""
 WS_METHODS: Final = ("GET", "HEAD")  # HEAD: aiohttp's add_get adds it; it gets 405
 
 
@@ -91,7 +99,7 @@ def ws_url(base: str, path: str) -> str:
 
 def concrete(path: str, conn_id: str) -> str:
     """A request path for a canonical route path; KeyError names an unknown parameter."""
-    values = {"room": ROOM, "conn_id": conn_id}
+    values = {"room": ROOM, "conn_id": conn_id, "version": "0.0.0-other"}
     fields = {name for _, name, _, _ in string.Formatter().parse(path) if name}
     unknown = fields - values.keys()
     if unknown:
@@ -113,7 +121,7 @@ def test_every_route_is_classified() -> None:
     nothing else: a new route must be added to a table here (and so to every test)."""
     classified = (
         {(method, path) for path in WS_ROUTES for method in WS_METHODS}
-        | API_MESSAGE_ROUTES | API_QUERY_ROUTES | OPEN_ROUTES
+        | API_MESSAGE_ROUTES | API_QUERY_ROUTES | OPEN_ROUTES | OTHER_VERSION_ROUTES
     )
     found = routes(node_app())
     assert found - classified == set(), "routes no guard test covers"
@@ -232,6 +240,17 @@ async def test_open_routes_need_no_key(
     for headers in ({}, {"Authorization": "Bearer not-the-key"}):
         async with http.request(method, base + path, headers=headers) as resp:
             assert resp.status == 200, (route, headers)
+
+
+@pytest.mark.parametrize("route", sorted(OTHER_VERSION_ROUTES), ids=" ".join)
+async def test_other_client_versions_are_not_found_without_a_key(
+    serve: Serve, http: aiohttp.ClientSession, route: tuple[str, str]
+) -> None:
+    """The browser client at a version this node does not run: 404 (no key needed)."""
+    method, path = route
+    base = await serve(node_app())
+    async with http.request(method, base + path.format(version="0.0.0-other")) as resp:
+        assert resp.status == 404, route
 
 
 # --- limits ------------------------------------------------------------------------------
