@@ -18,16 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from roomcast.node.core import CUT_OFF, WRITE, ConnectionCore, ConnectionState
+from roomcast.node.limits import apply_rate_limit
 from roomcast.shared.frames import MessageReader, PreparedMessage, build_frame
 from roomcast.shared.ids import ConnectionId, Room
 from roomcast.shared.rfc6455 import CloseCode, Opcode
 
 if TYPE_CHECKING:
+    from roomcast.node.auth import Identity
     from roomcast.node.hub import Hub
+    from roomcast.node.limits import ConnectionLimiter
 
 __all__ = ["Connection", "ConnectionState", "SocketControl"]
 
@@ -50,7 +53,8 @@ class SocketControl(Protocol):
 class Connection(ConnectionCore):
     """A client connected to this node. Created by ``Hub.upgrade``; never by hand."""
 
-    __slots__ = ("_hub", "_protocol", "_transport", "_write_soon", "metadata", "remote")
+    __slots__ = ("_hub", "_protocol", "_transport", "_write_soon", "expiry_timer",
+                 "identity", "limiter", "metadata", "remote")
 
     def __init__(
         self,
@@ -74,11 +78,29 @@ class Connection(ConnectionCore):
         """Has the hub flush this connection at the end of the loop turn (one write)."""
         self._protocol: SocketControl | None = None
         self._transport: asyncio.Transport | None = None
+        self.identity: Identity | None = None
+        """Who the connection belongs to (``node.auth``); None when anonymous."""
+        self.limiter: ConnectionLimiter | None = None
+        """The rate limit on what it sends (``node.limits``); None when unlimited."""
+        self.expiry_timer: asyncio.TimerHandle | None = None
+        """Closes it with 4001 when its identity expires (``node.auth.arm_expiry``)."""
 
     @property
     def hub(self) -> Hub:
         """The hub this connection belongs to."""
         return self._hub
+
+    @property
+    def user_id(self) -> str | None:
+        """The user this connection belongs to (its identity's); None when anonymous."""
+        identity = self.identity
+        return identity.user_id if identity is not None else None
+
+    @property
+    def user_info(self) -> Mapping[str, Any]:
+        """The identity's info mapping (a JWT's ``info`` claim); empty when anonymous."""
+        identity = self.identity
+        return identity.info if identity is not None else {}
 
     # -- rooms and metadata ----------------------------------------------------------
 
@@ -162,6 +184,23 @@ class Connection(ConnectionCore):
     def transport_lost(self) -> None:
         """The socket is gone: what is still queued has nowhere to go."""
         self._transport = None
+        if self.expiry_timer is not None:
+            self.expiry_timer.cancel()
+            self.expiry_timer = None
+
+    def receive(
+        self, data: bytes, limit: int, now: float
+    ) -> list[tuple[Opcode, bytes | str]]:
+        """The core's ``receive``, with the rate limit applied to the messages (if any).
+
+        A message over the limit is dropped (a roomcast.v1 client is told with an
+        ``error`` frame, code ``rate_limited``); one that makes the client a flooder
+        closes it with 1008, and every message after it is dropped.
+        """
+        events = super().receive(data, limit, now)
+        if self.limiter is None or not events:
+            return events
+        return apply_rate_limit(self, self.limiter, events, now)
 
     def unsent_now(self) -> int:
         """Bytes the transport has not sent yet (its own count)."""
