@@ -35,6 +35,9 @@ DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 DEFAULT_WINDOW: Final = 10.0
 """Seconds over which a connection's drops are counted towards closing it."""
 
+BYTES_ONLY_DROPS_TO_CLOSE: Final = 10
+"""``RateLimit.close_after`` when only bytes are limited (there is no message burst)."""
+
 ALLOW: Final = 0
 """``ConnectionLimiter.admit``: the message is within the limit."""
 DROP: Final = 1
@@ -67,7 +70,7 @@ class RateLimit:
     the byte bucket is not empty and may take it below zero (so a message larger than
     one second's bytes still passes, and the client then waits for the debt).
     ``close_after``: drops within ``window`` seconds after which the client is closed
-    with 1008 (default: twice the burst).
+    with 1008 (default: twice the burst; 10 when only bytes are limited).
     """
 
     messages_per_second: float | None = None
@@ -111,6 +114,8 @@ class RateLimit:
         """Drops within ``window`` seconds that close the connection."""
         if self.close_after is not None:
             return self.close_after
+        if self.messages_per_second is None:
+            return BYTES_ONLY_DROPS_TO_CLOSE
         return max(2, int(2 * self.message_capacity))
 
     def limiter(self, now: float) -> ConnectionLimiter:
