@@ -22,8 +22,9 @@ module leans on these parts of it:
 - ``aiohttp.web_urldispatcher._default_expect_handler``: aiohttp's answer to
   ``Expect: 100-continue``, which the HTTP API calls once it has checked the request.
 - ``Application._make_handler`` (wrapped on one app: every runner makes the app's
-  ``Server`` through it), ``Server.connection_made(handler, transport)`` (wrapped on
-  that server: it hears of every accepted socket) and ``RequestHandler._request_count``
+  ``Server`` through it), ``Server.connection_made(handler, transport)`` and
+  ``Server.connection_lost`` (wrapped on that server: they hear of every accepted
+  socket, and of it going or being taken over) and ``RequestHandler._request_count``
   (requests whose head was parsed): ``guard_handshakes`` closes sockets that have not
   sent a whole request head within the handshake timeout. aiohttp itself only has its
   keep-alive timeout (75 s) for them.
@@ -235,8 +236,13 @@ def guard_handshakes(app: web.Application, timeout: float, on_timeout: Callable[
 
 def _guard_server(server: Any, timeout: float, on_timeout: Callable[[], None]) -> None:
     connection_made = server.connection_made
+    connection_lost = server.connection_lost
+    timers: dict[Any, asyncio.TimerHandle] = {}
+    """handler -> its timer, until it fires or the socket goes (or is taken over: the
+    handler is let go then, and the timer with it)."""
 
     def check(handler: Any) -> None:
+        timers.pop(handler, None)
         transport = handler.transport
         if transport is None or transport.is_closing() or handler._request_count:
             return
@@ -245,9 +251,16 @@ def _guard_server(server: Any, timeout: float, on_timeout: Callable[[], None]) -
 
     def guarded_connection_made(handler: Any, transport: asyncio.Transport) -> None:
         connection_made(handler, transport)
-        asyncio.get_running_loop().call_later(timeout, check, handler)
+        timers[handler] = asyncio.get_running_loop().call_later(timeout, check, handler)
+
+    def guarded_connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        timer = timers.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+        connection_lost(handler, exc)
 
     server.connection_made = guarded_connection_made
+    server.connection_lost = guarded_connection_lost
 
 
 def take_over(request: web.Request, protocol: asyncio.BaseProtocol) -> tuple[asyncio.Transport,

@@ -202,7 +202,11 @@ def apply_rate_limit(
             log.info("closing %s with 1008: over its rate limit %d times within %.0fs",
                      conn.id, limiter.limit.drops_to_close, limiter.limit.window,
                      extra={"conn_id": conn.id})
-            conn.abort(CloseCode.POLICY_VIOLATION, RATE_LIMITED_REASON)
+            # The closing handshake, not an abort: the socket is read (and what comes
+            # dropped) until the client answers, so that it sees the 1008 rather than
+            # a reset from a socket closed with its flood unread.
+            if conn.begin_close(CloseCode.POLICY_VIOLATION, RATE_LIMITED_REASON):
+                conn.settle()
         elif not limiter.told and conn.is_open:
             limiter.told = True
             if speaks_v1(conn):

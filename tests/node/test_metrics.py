@@ -39,6 +39,10 @@ COUNTERS = [
     "roomcast_broker_reconnects",
     "roomcast_slow_consumer_disconnects",
     "roomcast_pong_timeouts",
+    "roomcast_joins_forbidden",
+    "roomcast_tokens_expired",
+    "roomcast_messages_rate_limited",
+    "roomcast_rate_limit_disconnects",
 ]
 GAUGES = ["roomcast_connections", "roomcast_rooms", "roomcast_broker_connected"]
 
@@ -124,7 +128,8 @@ async def test_output_parses_with_every_family_and_type(serve: Serve) -> None:
     bounds = [float(s.labels["le"]) for s in latency.samples if s.name.endswith("_bucket")]
     assert bounds == [*LATENCY_BUCKETS, float("inf")]
     reasons = {s.labels["reason"] for s in families["roomcast_connections_refused"].samples}
-    assert reasons == {"full", "origin", "handshake", "draining"}
+    assert reasons == {"full", "origin", "handshake", "draining", "auth", "forbidden", "rate",
+                       "handshake_timeout"}
 
 
 async def test_connections_messages_bytes_and_broadcasts(serve: Serve) -> None:
