@@ -202,6 +202,29 @@ class Connection(ConnectionCore):
             return events
         return apply_rate_limit(self, self.limiter, events, now)
 
+    def stop_reading(self) -> None:
+        """Read nothing more from the socket (a flooder being closed: ``node.limits``).
+
+        The socket ends when the closing handshake times out. What was read and not
+        parsed yet is left unparsed (``reading_done``).
+        """
+        transport = self._transport
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+
+    @property
+    def reading_done(self) -> bool:
+        """The core's, or True once the connection was closed for flooding."""
+        limiter = self.limiter
+        return self._reader.done or (limiter is not None and limiter.closed)
+
+    @property
+    def pending(self) -> bool:
+        """The core's, or False once the connection was closed for flooding (what
+        is buffered is never parsed)."""
+        limiter = self.limiter
+        return self._reader.pending and (limiter is None or not limiter.closed)
+
     def unsent_now(self) -> int:
         """Bytes the transport has not sent yet (its own count)."""
         transport = self._transport

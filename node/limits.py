@@ -177,7 +177,8 @@ def apply_rate_limit(
 
     Control frames pass. A roomcast.v1 client gets one ``error`` frame (code
     ``rate_limited``) per run of dropped messages; a client that keeps flooding is
-    closed with 1008 and every message after is dropped. Counted in the hub's stats.
+    sent a 1008 close, its socket is no longer read, and every message already read
+    is dropped. Counted in the hub's stats.
     """
     stats = conn.hub.stats
     kept: list[tuple[Opcode, bytes | str]] = []
@@ -186,8 +187,9 @@ def apply_rate_limit(
         if opcode is not Opcode.TEXT and opcode is not Opcode.BINARY:
             kept.append(event)
             continue
-        if limiter.closed:
+        if limiter.closed:  # the rest of the read that closed it
             stats.messages_rate_limited += 1
+            conn.stop_reading()
             continue
         size = len(payload.encode()) if isinstance(payload, str) else len(payload)
         verdict = limiter.admit(size, now)
@@ -202,11 +204,13 @@ def apply_rate_limit(
             log.info("closing %s with 1008: over its rate limit %d times within %.0fs",
                      conn.id, limiter.limit.drops_to_close, limiter.limit.window,
                      extra={"conn_id": conn.id})
-            # The closing handshake, not an abort: the socket is read (and what comes
-            # dropped) until the client answers, so that it sees the 1008 rather than
-            # a reset from a socket closed with its flood unread.
+            # The closing handshake, not an abort: closing a socket with the flood
+            # unread would reset it, and the client could lose the 1008 with it. The
+            # socket is not read any more (its flood costs nothing from here on); it
+            # is aborted when the closing handshake times out.
             if conn.begin_close(CloseCode.POLICY_VIOLATION, RATE_LIMITED_REASON):
                 conn.settle()
+            conn.stop_reading()
         elif not limiter.told and conn.is_open:
             limiter.told = True
             if speaks_v1(conn):

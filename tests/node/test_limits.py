@@ -21,6 +21,8 @@ from roomcast.node.limits import (
     RateLimit,
     retry_after,
 )
+from roomcast.shared.frames import build_frame
+from roomcast.shared.rfc6455 import Opcode
 from tests.rawws import RawClient
 
 Start = Callable[[web.Application], Awaitable[tuple[str, int]]]
@@ -267,3 +269,35 @@ def test_handshake_timeout_off() -> None:
     app = web.Application()
     hub.attach(app)
     assert "_make_handler" not in vars(app)
+
+
+async def test_a_closed_flooder_is_no_longer_read(start: Start) -> None:
+    """After its 1008 the flooder's socket is not read: what it goes on sending is not
+    parsed (the drop count stops), and the socket goes when the closing handshake times
+    out."""
+    hub = Hub()
+    rate = RateLimit(messages_per_second=5, burst=5)
+    host, port = await start(room_app(hub, rate))
+    client = await RawClient.connect(host, port, "/ws")
+    frame = build_frame(Opcode.TEXT, b"spam", mask_key=b"\x01\x02\x03\x04")
+    client.send(frame * 100)
+    async with asyncio.timeout(10):
+        while True:
+            got = await client.recv_frame()
+            assert got is not None
+            if got.opcode == Opcode.CLOSE:
+                break
+    assert int.from_bytes(got.payload[:2], "big") == 1008
+    dropped = hub.stats.messages_rate_limited
+    assert 10 <= dropped <= 100
+    with contextlib.suppress(ConnectionError):
+        for _ in range(50):  # 200 KB more, without answering the close
+            client.send(frame * 5000)
+            await asyncio.sleep(0.01)
+    async with asyncio.timeout(15):
+        with contextlib.suppress(ConnectionError):  # aborted: a reset, or EOF
+            while await client.reader.read(65536):  # the node ends it after CLOSE_TIMEOUT
+                pass
+    assert hub.stats.messages_rate_limited == dropped
+    assert hub.stats.rate_limit_closes == 1
+    await client.close()
