@@ -44,7 +44,6 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.types import Options
 
 from roomcast.shared.errors import RoomcastError
-from roomcast.shared.frames import PreparedMessage
 from roomcast.shared.ids import Room
 
 if TYPE_CHECKING:
@@ -70,7 +69,6 @@ TOKEN_EXPIRED_REASON: Final = "token expired"
 MIN_SECRET_BYTES: Final = 32
 """Shortest HS256 secret accepted: shorter HMAC keys can be guessed offline from one
 token (RFC 7518 section 3.2 asks for at least the hash size)."""
-V1: Final = "roomcast.v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,19 +196,6 @@ class Auth:
             if not allowed:
                 return "refused by the authorize hook"
         return None
-
-
-def error_frame(code: str, message: str, room: str | None = None) -> PreparedMessage:
-    """A ``roomcast.v1`` ``error`` frame (docs/protocol.md), ready to send."""
-    body: dict[str, str] = {"type": "error", "code": code, "message": message}
-    if room is not None:
-        body["room"] = room
-    return PreparedMessage(json.dumps(body, separators=(",", ":")).encode(), binary=False)
-
-
-def speaks_v1(conn: Connection) -> bool:
-    """True if ``conn`` negotiated the roomcast.v1 subprotocol (it gets ``error`` frames)."""
-    return getattr(conn, "protocol", None) == V1
 
 
 def arm_expiry(conn: Connection, expires_at: float) -> None:

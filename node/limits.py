@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from roomcast.node.auth import error_frame, speaks_v1
+from roomcast.node.v1 import error_frame
 from roomcast.shared.rfc6455 import CloseCode, Opcode
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ def apply_rate_limit(
             conn.stop_reading()
         elif not limiter.told and conn.is_open:
             limiter.told = True
-            if speaks_v1(conn):
+            if conn.v1:
                 conn.send_prepared(error_frame(
                     "rate_limited", "message dropped: over the rate limit of this "
                     "connection; send more slowly"))

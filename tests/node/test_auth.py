@@ -28,7 +28,6 @@ from roomcast.node.auth import (
     JWTAuthenticator,
     RedactingAccessLogger,
     RoomForbidden,
-    error_frame,
     redact_query,
     room_allowed,
 )
@@ -435,12 +434,8 @@ async def test_authorize_hook_for_anonymous_and_authenticated(start: Start) -> N
         await ws.close()
 
 
-def test_error_frame_and_redaction() -> None:
-    """The v1 error frame's shape, and the access log's query redaction."""
-    assert json.loads(error_frame("forbidden", "no", "admin").payload) == {
-        "type": "error", "code": "forbidden", "message": "no", "room": "admin"}
-    assert json.loads(error_frame("rate_limited", "slow down").payload) == {
-        "type": "error", "code": "rate_limited", "message": "slow down"}
+def test_access_log_redaction() -> None:
+    """The access log's query redaction (a percent-encoded name too)."""
     assert redact_query("/ws", "room=a&token=abc.def&%74oken=x&tokens=keep", "token") == (
         "/ws?room=a&token=[redacted]&%74oken=[redacted]&tokens=keep")
     assert redact_query("/ws", "", "token") == "/ws"
@@ -449,3 +444,25 @@ def test_error_frame_and_redaction() -> None:
 def test_identity_defaults() -> None:
     ident = Identity("u")
     assert ident.info == {} and ident.rooms is None and ident.expires_at is None
+
+
+async def test_v1_client_gets_a_forbidden_error_frame(start: Start) -> None:
+    """A roomcast.v1 connection refused a join gets {"type": "error", "code":
+    "forbidden", "room": ...}, and stays open."""
+    events = Events()
+    base = await start(make_app(jwt_hub(), events))
+    token = hs256(claims(rooms=["lobby"]))
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(f"{base}/ws?token={token}", protocols=["roomcast.v1"])
+        assert ws.protocol == "roomcast.v1"
+        async with asyncio.timeout(5):
+            assert (await ws.receive_json())["type"] == "welcome"
+            await ws.send_str("join:admin")
+            error = await ws.receive_json()
+            assert error == {"type": "error", "code": "forbidden",
+                             "message": "not allowed to join room 'admin'", "room": "admin"}
+            assert await ws.receive_json() == {"type": "message", "data": "forbidden:admin"}
+            await ws.send_str("join:lobby")
+            assert await ws.receive_json() == {"type": "joined", "room": "lobby"}
+            assert await ws.receive_json() == {"type": "message", "data": "joined:lobby"}
+        await ws.close()

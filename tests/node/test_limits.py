@@ -301,3 +301,25 @@ async def test_a_closed_flooder_is_no_longer_read(start: Start) -> None:
     assert hub.stats.messages_rate_limited == dropped
     assert hub.stats.rate_limit_closes == 1
     await client.close()
+
+
+async def test_v1_client_is_told_rate_limited_once_per_run(start: Start) -> None:
+    """A roomcast.v1 client over its limit gets one error frame rate_limited per run of
+    dropped messages (not one per message)."""
+    hub = Hub()
+    host, port = await start(room_app(hub, RateLimit(messages_per_second=1, burst=2,
+                                                      close_after=50)))
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(f"ws://{host}:{port}/ws", protocols=["roomcast.v1"])
+        async with asyncio.timeout(10):
+            assert (await ws.receive_json())["type"] == "welcome"
+            assert (await ws.receive_json())["type"] == "joined"
+            for i in range(6):
+                await ws.send_str(f"m{i}")
+            frames = [await ws.receive_json() for _ in range(3)]
+        assert sorted(f["type"] for f in frames) == ["error", "message", "message"]
+        error = next(f for f in frames if f["type"] == "error")
+        assert error["code"] == "rate_limited" and "rate limit" in error["message"]
+        assert [f["data"] for f in frames if f["type"] == "message"] == ["m0", "m1"]
+        await ws.close()
+    assert hub.stats.messages_rate_limited == 4
