@@ -48,6 +48,9 @@ CLOSE: Final = 2
 RATE_LIMITED_REASON: Final = "rate limit exceeded"
 """The close reason sent with 1008 to a client closed for flooding."""
 
+_TEXT: Final = Opcode.TEXT
+_BINARY: Final = Opcode.BINARY
+
 
 def _positive_number(name: str, value: object, *, optional: bool = True) -> None:
     if value is None and optional:
@@ -126,8 +129,9 @@ class RateLimit:
 class ConnectionLimiter:
     """The buckets of one connection under a ``RateLimit``."""
 
-    __slots__ = ("_bytes", "_drops", "_last", "_messages", "_window_start", "closed",
-                 "limit", "told")
+    __slots__ = ("_byte_cap", "_byte_rate", "_bytes", "_close_at", "_drops", "_last",
+                 "_message_cap", "_message_rate", "_messages", "_window", "_window_start",
+                 "closed", "limit", "told")
 
     def __init__(self, limit: RateLimit, now: float) -> None:
         self.limit = limit
@@ -135,38 +139,45 @@ class ConnectionLimiter:
         """Set once the connection was closed for flooding: drop everything after."""
         self.told = False
         """A roomcast.v1 client was sent ``rate_limited`` for the current run of drops."""
-        self._messages = limit.message_capacity
-        self._bytes = (limit.bytes_per_second or 0.0) * limit.burst_seconds
+        # The settings, read once: admit runs for every message.
+        self._message_rate = limit.messages_per_second
+        self._byte_rate = limit.bytes_per_second
+        self._message_cap = limit.message_capacity
+        self._byte_cap = (limit.bytes_per_second or 0.0) * limit.burst_seconds
+        self._close_at = limit.drops_to_close
+        self._window = limit.window
+        self._messages = self._message_cap
+        self._bytes = self._byte_cap
         self._last = now
         self._drops = 0
         self._window_start = now
 
     def admit(self, size: int, now: float) -> int:
         """A message of ``size`` bytes arrived at ``now``: ``ALLOW``, ``DROP`` or ``CLOSE``."""
-        limit = self.limit
+        rate = self._message_rate
+        byte_rate = self._byte_rate
         elapsed = now - self._last
         if elapsed > 0:
             self._last = now
-            rate = limit.messages_per_second
             if rate is not None:
-                self._messages = min(limit.message_capacity, self._messages + elapsed * rate)
-            byte_rate = limit.bytes_per_second
+                messages = self._messages + elapsed * rate
+                cap = self._message_cap
+                self._messages = messages if messages < cap else cap
             if byte_rate is not None:
-                self._bytes = min(byte_rate * limit.burst_seconds,
-                                  self._bytes + elapsed * byte_rate)
-        messages_ok = limit.messages_per_second is None or self._messages >= 1.0
-        bytes_ok = limit.bytes_per_second is None or self._bytes > 0.0
-        if messages_ok and bytes_ok:
-            if limit.messages_per_second is not None:
+                filled = self._bytes + elapsed * byte_rate
+                cap = self._byte_cap
+                self._bytes = filled if filled < cap else cap
+        if (rate is None or self._messages >= 1.0) and (byte_rate is None or self._bytes > 0.0):
+            if rate is not None:
                 self._messages -= 1.0
-            if limit.bytes_per_second is not None:
+            if byte_rate is not None:
                 self._bytes -= size
             return ALLOW
-        if now - self._window_start > limit.window:
+        if now - self._window_start > self._window:
             self._window_start = now
             self._drops = 0
         self._drops += 1
-        return CLOSE if self._drops >= limit.drops_to_close else DROP
+        return CLOSE if self._drops >= self._close_at else DROP
 
 
 def apply_rate_limit(
@@ -180,44 +191,57 @@ def apply_rate_limit(
     sent a 1008 close, its socket is no longer read, and every message already read
     is dropped. Counted in the hub's stats.
     """
-    stats = conn.hub.stats
-    kept: list[tuple[Opcode, bytes | str]] = []
-    for event in events:
+    # None while every event is kept: then ``events`` itself is returned.
+    kept: list[tuple[Opcode, bytes | str]] | None = None
+    admit = limiter.admit
+    for index, event in enumerate(events):
         opcode, payload = event
-        if opcode is not Opcode.TEXT and opcode is not Opcode.BINARY:
-            kept.append(event)
+        if opcode is not _TEXT and opcode is not _BINARY:
+            if kept is not None:
+                kept.append(event)
             continue
-        if limiter.closed:  # the rest of the read that closed it
-            stats.messages_rate_limited += 1
-            conn.stop_reading()
-            continue
-        size = len(payload.encode()) if isinstance(payload, str) else len(payload)
-        verdict = limiter.admit(size, now)
-        if verdict == ALLOW:
-            limiter.told = False
-            kept.append(event)
-            continue
-        stats.messages_rate_limited += 1
-        if verdict == CLOSE:
-            limiter.closed = True
-            stats.rate_limit_closes += 1
-            log.info("closing %s with 1008: over its rate limit %d times within %.0fs",
-                     conn.id, limiter.limit.drops_to_close, limiter.limit.window,
-                     extra={"conn_id": conn.id})
-            # The closing handshake, not an abort: closing a socket with the flood
-            # unread would reset it, and the client could lose the 1008 with it. The
-            # socket is not read any more (its flood costs nothing from here on); it
-            # is aborted when the closing handshake times out.
-            if conn.begin_close(CloseCode.POLICY_VIOLATION, RATE_LIMITED_REASON):
-                conn.settle()
-            conn.stop_reading()
-        elif not limiter.told and conn.is_open:
-            limiter.told = True
-            if conn.v1:
-                conn.send_prepared(error_frame(
-                    "rate_limited", "message dropped: over the rate limit of this "
-                    "connection; send more slowly"))
-    return kept
+        verdict = DROP  # closed: the rest of the read that closed it
+        if not limiter.closed:
+            size = (len(payload) if not isinstance(payload, str) or payload.isascii()
+                    else len(payload.encode()))
+            verdict = admit(size, now)
+            if verdict == ALLOW:
+                limiter.told = False
+                if kept is not None:
+                    kept.append(event)
+                continue
+        if kept is None:
+            kept = events[:index]
+        _dropped(conn, limiter, verdict)
+    return events if kept is None else kept
+
+
+def _dropped(conn: Connection, limiter: ConnectionLimiter, verdict: int) -> None:
+    """Count a dropped message; tell a v1 client, or close a flooder (``CLOSE``)."""
+    stats = conn.hub.stats
+    stats.messages_rate_limited += 1
+    if limiter.closed:  # the rest of the read that closed it
+        conn.stop_reading()
+        return
+    if verdict == CLOSE:
+        limiter.closed = True
+        stats.rate_limit_closes += 1
+        log.info("closing %s with 1008: over its rate limit %d times within %.0fs",
+                 conn.id, limiter.limit.drops_to_close, limiter.limit.window,
+                 extra={"conn_id": conn.id})
+        # The closing handshake, not an abort: closing a socket with the flood
+        # unread would reset it, and the client could lose the 1008 with it. The
+        # socket is not read any more (its flood costs nothing from here on); it
+        # is aborted when the closing handshake times out.
+        if conn.begin_close(CloseCode.POLICY_VIOLATION, RATE_LIMITED_REASON):
+            conn.settle()
+        conn.stop_reading()
+    elif not limiter.told and conn.is_open:
+        limiter.told = True
+        if conn.v1:
+            conn.send_prepared(error_frame(
+                "rate_limited", "message dropped: over the rate limit of this "
+                "connection; send more slowly"))
 
 
 class ConnectLimiter:
