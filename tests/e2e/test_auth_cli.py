@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jwt
 import pytest
@@ -99,3 +100,25 @@ def test_bad_auth_and_limit_settings_exit_2(args: list[str], env: dict[str, str]
     )
     assert result.returncode == 2, result.stderr
     assert named in result.stderr
+
+
+def test_public_key_and_jwks_files_configure(tmp_path: Path) -> None:
+    """--jwt-public-key with an RSA PEM and --jwt-jwks with an EC key set: --check 0."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                    .public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo))
+    jwks = tmp_path / "keys.json"
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(
+        ec.generate_private_key(ec.SECP256R1()).public_key()))
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]}))
+    for args in (["--jwt-public-key", str(pem)], ["--jwt-jwks", str(jwks), "--require-auth",
+                                                  "--jwt-issuer", "me"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "roomcast.node.cli", "serve", "--check", *args], cwd=REPO,
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
