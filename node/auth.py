@@ -161,7 +161,9 @@ class Auth:
     ``authenticator``: who a request is (None: everyone is anonymous). ``require``:
     refuse requests without credentials with 401 (without it they connect anonymously,
     ``conn.user_id`` None). ``authorize``: ``authorize(conn, room)`` is asked on every
-    join after the identity's own rooms allowed it.
+    join after the identity's own rooms allowed it; for the rooms of ``Hub.upgrade`` it
+    is asked before the 101 (``conn`` not open yet, its identity set) and again as the
+    hub joins them, and is expected to answer the same.
     """
 
     authenticator: Authenticator | None = None

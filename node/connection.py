@@ -243,7 +243,8 @@ class Connection(ConnectionCore):
         events = super().receive(data, limit, now)
         if self.limiter is None or not events:
             return events
-        return apply_rate_limit(self, self.limiter, events, now)
+        # Monotonic time: a wall clock stepped back must not stall the refill.
+        return apply_rate_limit(self, self.limiter, events, time.monotonic())
 
     def stop_reading(self) -> None:
         """Read nothing more from the socket (a flooder being closed: ``node.limits``).

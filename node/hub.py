@@ -368,7 +368,7 @@ class Hub:
             arm_expiry(conn, identity.expires_at)
         rate = rate_limit if rate_limit is not None else self.limits.rate
         if rate is not None:
-            conn.limiter = rate.limiter(time.time())
+            conn.limiter = rate.limiter(time.monotonic())
         if conn.protocol is not None:
             ids["Sec-WebSocket-Protocol"] = conn.protocol
             conn.send_prepared(welcome_frame(self.node_id, conn.id))  # the first frame
