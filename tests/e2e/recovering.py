@@ -37,9 +37,11 @@ NODE_HISTORY_ARGS = ("--history-size", str(HISTORY_SIZE), "--history-ttl", str(H
 POLICY = HistoryPolicy(History(size=HISTORY_SIZE, ttl=HISTORY_TTL))
 """The nodes' policy, for the Publisher (every publisher of a cluster must share it)."""
 
-CLIENT_OPTIONS: dict[str, float] = {"initial_delay": 0.05, "max_delay": 0.5,
-                                    "going_away_delay": 0.1, "connect_timeout": 15.0}
-"""Reconnect fast: the tests wait for the reconnects, bounded."""
+
+def recovering_client(url: str, positions: dict[str, tuple[str, int]] | None = None) -> Client:
+    """A client that reconnects fast (the tests wait for the reconnects, bounded)."""
+    return Client(url, positions=positions, initial_delay=0.05, max_delay=0.5,
+                  going_away_delay=0.1, connect_timeout=15.0)
 
 
 def parse(data: str | bytes, tag: str) -> int | None:
@@ -59,8 +61,8 @@ class Member:
                  positions: dict[str, tuple[str, int]] | None = None) -> None:
         self.room = room
         self.name = name
-        self.client = Client(f"{base_ws_url}/chat?room={room}&name={name}",
-                             positions=positions, **CLIENT_OPTIONS)
+        self.client = recovering_client(f"{base_ws_url}/chat?room={room}&name={name}",
+                                        positions)
         self.events: list[Event] = []
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

@@ -226,7 +226,8 @@ async def test_node_killed_behind_haproxy_its_clients_recover_on_other_nodes() -
             assert len(by_node) == 3, f"members not spread over the nodes: {by_node.keys()}"
             victim_id = members[0].client.node
             victims = by_node[victim_id]  # type: ignore[index]
-            victim = next(n for n in started if await node_id(n) == victim_id)
+            ids = [await node_id(n) for n in started]
+            victim = started[ids.index(victim_id)]  # type: ignore[arg-type]
             burst = Burst(pub, "lb", count, tag="h")
             task = await run_burst(burst)
             async with asyncio.timeout(60):
