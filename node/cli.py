@@ -27,10 +27,18 @@ from roomcast.shared.config import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_PING_INTERVAL_MS,
     DEFAULT_PONG_TIMEOUT_MS,
+    DEFAULT_RECOVERY_MAX,
     DEFAULT_SEND_BUFFER_LIMIT,
     HubConfig,
 )
 from roomcast.shared.errors import BrokerError
+from roomcast.shared.history import (
+    MAX_HISTORY_SIZE,
+    MAX_HISTORY_TTL,
+    MIN_HISTORY_TTL,
+    History,
+    HistoryPolicy,
+)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -66,6 +74,21 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise ValueError("must be >= 0")
+    return value
+
+
+def _history_size(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_HISTORY_SIZE:
+        raise ValueError(f"must be from 0 (no history) to {MAX_HISTORY_SIZE}")
+    return value
+
+
+def _history_ttl(text: str) -> float:
+    value = float(text)
+    if not MIN_HISTORY_TTL <= value <= MAX_HISTORY_TTL:
+        raise ValueError(f"must be from {MIN_HISTORY_TTL} to {MAX_HISTORY_TTL:.0f} seconds "
+                         "(30 days)")
     return value
 
 
@@ -190,6 +213,17 @@ _SERVE_OPTIONS = [
     _Option("--drain-notice-seconds", "ROOMCAST_DRAIN_NOTICE_SECONDS", _non_negative_float,
             0.0, "on SIGTERM, how long /readyz fails before clients are closed (give the "
             "load balancer time to stop sending new clients here)"),
+    _Option("--history-size", "ROOMCAST_HISTORY_SIZE", _history_size, History().size,
+            "messages each room keeps for recovery (clients that reconnect get what they "
+            "missed; nodes fill gaps after a lost Redis link); 0 turns history off. Every "
+            "node and every Publisher process (Publisher(history=...)) sharing the rooms "
+            "must use the same --history-size and --history-ttl"),
+    _Option("--history-ttl", "ROOMCAST_HISTORY_TTL", _history_ttl, History().ttl,
+            "seconds a room's messages are kept for recovery (older ones are dropped even "
+            "within --history-size)"),
+    _Option("--recovery-max", "ROOMCAST_RECOVERY_MAX", _positive, DEFAULT_RECOVERY_MAX,
+            "most messages one reconnecting client is sent; further behind, it is told "
+            "recovered: false (reason limit) and reloads its state"),
     _Option("--api-key", "ROOMCAST_API_KEY", _api_key, None,
             "bearer key for the HTTP API under /api; unset leaves the API off"),
     _Option("--metrics", "ROOMCAST_METRICS", _bool, True,
@@ -240,6 +274,14 @@ def _resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[
     return values
 
 
+def build_history(values: dict[str, Any]) -> HistoryPolicy | None:
+    """The history policy of ``--history-size``/``--history-ttl``: every room keeps the
+    same history; None when the size is 0 (no room keeps any)."""
+    if values["history_size"] == 0:
+        return None
+    return HistoryPolicy(History(values["history_size"], values["history_ttl"]))
+
+
 def build_config(values: dict[str, Any]) -> HubConfig:
     """HubConfig from resolved settings."""
     return HubConfig(
@@ -250,6 +292,8 @@ def build_config(values: dict[str, Any]) -> HubConfig:
         enable_compression=values["compression"],
         allowed_origins=tuple(values["allowed_origin"]),
         send_buffer_limit=values["send_buffer_limit"],
+        history=build_history(values),
+        recovery_max=values["recovery_max"],
     )
 
 

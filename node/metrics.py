@@ -108,6 +108,28 @@ _COUNTERS: Final[dict[str, tuple[str, _Reader]]] = {
     "roomcast_pong_timeouts": (
         "Connections closed because a keepalive pong did not come in time (close 1011).",
         _stat("pong_timeouts")),
+    "roomcast_messages_recovered": (
+        "Messages of a room's history sent to roomcast.v1 clients on join: what a "
+        "recovering client missed, and recent history for a client that asked for it.",
+        _stat("messages_recovered")),
+    "roomcast_history_published": (
+        "Messages this node stored in a room's history (and published with a position).",
+        _broker(lambda s: s.history_published)),
+    "roomcast_history_duplicates": (
+        "Publishes whose idempotency key had been seen: answered with the first "
+        "position, not stored or published again.",
+        _broker(lambda s: s.duplicates)),
+    "roomcast_history_reads": (
+        "Reads of a room's history answered (joins with recovery or replay, node "
+        "catch-up, room_history).",
+        _broker(lambda s: s.history_reads)),
+    "roomcast_history_read_failures": (
+        "Reads of a room's history that failed (the broker was unreachable).",
+        _broker(lambda s: s.history_read_failures)),
+    "roomcast_rooms_resumed": (
+        "Rooms whose subscription came back after a lost link, failover or slot move "
+        "(each one's gap is then read from its history).",
+        _broker(lambda s: s.resumed_rooms)),
 }
 
 _REFUSED: Final[dict[str, Callable[[HubStats], int]]] = {
@@ -115,6 +137,21 @@ _REFUSED: Final[dict[str, Callable[[HubStats], int]]] = {
     "origin": lambda s: s.refused_origin,
     "handshake": lambda s: s.refused_handshake,
     "draining": lambda s: s.refused_draining,
+}
+
+# Counter name -> (help, label, label value -> how to read its plain int).
+_LABELLED: Final[dict[str, tuple[str, str, dict[str, _Reader]]]] = {
+    "roomcast_recoveries": (
+        "Joins of a roomcast.v1 client that declared the last position it saw, by "
+        "outcome: recovered (it got every message after it), not_recovered (told "
+        "recovered: false: epoch, window, limit or unavailable).",
+        "outcome",
+        {"recovered": _stat("recoveries"), "not_recovered": _stat("recoveries_failed")}),
+    "roomcast_catchup_gaps": (
+        "Gaps in a room's stream on this node (after a lost broker link), by outcome: "
+        "filled from the history, or lost (the room's members were sent lost).",
+        "outcome",
+        {"filled": _stat("catchup_gaps_filled"), "lost": _stat("catchup_gaps_lost")}),
 }
 
 
@@ -137,6 +174,10 @@ class NodeMetrics:
             "Connection attempts refused before the upgrade, by reason.",
             ["reason"], registry=None,
         )
+        self._labelled = {
+            name: Counter(name, help_text, [label], registry=None)
+            for name, (help_text, label, _) in _LABELLED.items()
+        }
         self._connections = Gauge(
             "roomcast_connections", "Open WebSocket connections.",
             registry=None, multiprocess_mode="livesum",
@@ -163,6 +204,24 @@ class NodeMetrics:
             "processes of this port).",
             registry=None, multiprocess_mode="livemax",
         )
+        # Every node process of a port runs with the same settings: livemax shows them.
+        self._history_size = Gauge(
+            "roomcast_history_size",
+            "Messages a room keeps in its history by default (--history-size; 0: no "
+            "history).",
+            registry=None, multiprocess_mode="livemax",
+        )
+        self._history_ttl = Gauge(
+            "roomcast_history_ttl_seconds",
+            "Seconds a room's messages are kept in its history by default "
+            "(--history-ttl; 0 when there is no history).",
+            registry=None, multiprocess_mode="livemax",
+        )
+        self._recovery_max = Gauge(
+            "roomcast_recovery_max",
+            "Most messages one recovering client is sent (--recovery-max).",
+            registry=None, multiprocess_mode="livemax",
+        )
         self.latency = Histogram(
             "roomcast_delivery_latency_seconds",
             "Seconds from publish on another node to local delivery, once per envelope.",
@@ -176,9 +235,11 @@ class NodeMetrics:
                 self.registry, path=multiprocess_dir
             )
         else:
-            for metric in (*self._counters.values(), self._refused, self._connections,
+            for metric in (*self._counters.values(), self._refused,
+                           *self._labelled.values(), self._connections,
                            self._rooms, self._broker_connected, self._broker_state,
-                           self._broker_state_since, self.latency):
+                           self._broker_state_since, self._history_size,
+                           self._history_ttl, self._recovery_max, self.latency):
                 self.registry.register(metric)
             ProcessCollector(registry=self.registry)
 
@@ -195,6 +256,10 @@ class NodeMetrics:
         for reason, read_refused in _REFUSED.items():
             self._push(self._refused.labels(reason=reason), f"refused:{reason}",
                        read_refused(stats))
+        for name, (_, label, readers) in _LABELLED.items():
+            for label_value, read in readers.items():
+                self._push(self._labelled[name].labels(**{label: label_value}),
+                           f"{name}:{label_value}", read(stats, broker))
         self._connections.set(len(hub.connections()))
         self._rooms.set(len(hub.local_rooms()))
         self._broker_connected.set(1 if broker.connected else 0)
@@ -204,6 +269,11 @@ class NodeMetrics:
                 self._broker_state.labels(state=state.value).set(
                     1 if state is current else 0)
             self._broker_state_since.set(self.health.since_wall)
+        policy = hub.config.history
+        default = policy.default if policy is not None else None
+        self._history_size.set(default.size if default is not None else 0)
+        self._history_ttl.set(default.ttl if default is not None else 0)
+        self._recovery_max.set(hub.config.recovery_max)
 
     def _push(self, counter: Counter, key: str, value: int) -> None:
         delta = value - self._pushed.get(key, 0)

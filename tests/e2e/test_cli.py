@@ -59,6 +59,9 @@ async def test_flags_and_environment_configure_the_node() -> None:
         (["--redis", "http://x"], {}, "broker URL"),
         (["--loop", "trio"], {}, "--loop"),
         ([], {"ROOMCAST_LOOP": "tokio"}, "ROOMCAST_LOOP"),
+        (["--history-size", "-1"], {}, "--history-size"),
+        ([], {"ROOMCAST_HISTORY_TTL": "0"}, "ROOMCAST_HISTORY_TTL"),
+        (["--recovery-max", "0"], {}, "--recovery-max"),
     ],
 )
 def test_invalid_settings_stop_startup_naming_the_setting(
@@ -80,7 +83,8 @@ def test_help_documents_every_setting_with_its_variable() -> None:
         capture_output=True, text=True, timeout=30,
     )
     for var in ("ROOMCAST_PORT", "ROOMCAST_MAX_CONNECTIONS", "ROOMCAST_ALLOWED_ORIGINS",
-                "ROOMCAST_COMPRESSION", "ROOMCAST_PONG_TIMEOUT_MS", "ROOMCAST_REDIS"):
+                "ROOMCAST_COMPRESSION", "ROOMCAST_PONG_TIMEOUT_MS", "ROOMCAST_REDIS",
+                "ROOMCAST_HISTORY_SIZE", "ROOMCAST_HISTORY_TTL", "ROOMCAST_RECOVERY_MAX"):
         assert var in result.stdout
 
 

@@ -18,7 +18,10 @@ from roomcast.node import Connection, ConnectionState, EventHandler, Hub, HubCon
 from roomcast.node.app import create_app
 from roomcast.node.hub import HUB
 from roomcast.node.metrics import LATENCY_BUCKETS, setup_metrics
-from roomcast.shared.envelope import Kind
+from roomcast.shared.envelope import Kind, room_envelope
+from roomcast.shared.errors import BrokerError
+from roomcast.shared.history import History, HistoryPolicy
+from roomcast.shared.ids import Room
 from roomcast.shared.rfc6455 import CloseCode
 
 Serve = Callable[[web.Application], Awaitable[str]]
@@ -39,8 +42,17 @@ COUNTERS = [
     "roomcast_broker_reconnects",
     "roomcast_slow_consumer_disconnects",
     "roomcast_pong_timeouts",
+    "roomcast_recoveries",
+    "roomcast_messages_recovered",
+    "roomcast_catchup_gaps",
+    "roomcast_history_published",
+    "roomcast_history_duplicates",
+    "roomcast_history_reads",
+    "roomcast_history_read_failures",
+    "roomcast_rooms_resumed",
 ]
-GAUGES = ["roomcast_connections", "roomcast_rooms", "roomcast_broker_connected"]
+GAUGES = ["roomcast_connections", "roomcast_rooms", "roomcast_broker_connected",
+          "roomcast_history_size", "roomcast_history_ttl_seconds", "roomcast_recovery_max"]
 
 
 def ws_url(base: str, path: str) -> str:
@@ -125,6 +137,10 @@ async def test_output_parses_with_every_family_and_type(serve: Serve) -> None:
     assert bounds == [*LATENCY_BUCKETS, float("inf")]
     reasons = {s.labels["reason"] for s in families["roomcast_connections_refused"].samples}
     assert reasons == {"full", "origin", "handshake", "draining"}
+    for name in ("roomcast_recoveries", "roomcast_catchup_gaps"):
+        outcomes = {s.labels["outcome"] for s in families[name].samples}
+        assert outcomes == ({"recovered", "not_recovered"} if name == "roomcast_recoveries"
+                            else {"filled", "lost"}), name
 
 
 async def test_connections_messages_bytes_and_broadcasts(serve: Serve) -> None:
@@ -279,3 +295,73 @@ async def test_latency_histogram_and_envelopes_across_two_hubs(serve: Serve) -> 
         b = await until_metric(base_b, "roomcast_envelopes_dropped_total", 1)
         assert value(b, "roomcast_envelopes_received_total") == 1
         assert value(b, "roomcast_delivery_latency_seconds_count") == 1
+
+
+async def test_history_settings_are_gauges(serve: Serve) -> None:
+    """The configured history size, ttl and recovery_max are gauges; 0 without history."""
+    configured = Hub(HubConfig(history=HistoryPolicy(History(50, 12.5)), recovery_max=7))
+    base = await serve(metered_app(configured, Events()))
+    samples = await scrape(base)
+    assert value(samples, "roomcast_history_size") == 50
+    assert value(samples, "roomcast_history_ttl_seconds") == 12.5
+    assert value(samples, "roomcast_recovery_max") == 7
+
+    base = await serve(metered_app(Hub(), Events()))
+    samples = await scrape(base)
+    assert value(samples, "roomcast_history_size") == 0
+    assert value(samples, "roomcast_history_ttl_seconds") == 0
+    assert value(samples, "roomcast_recovery_max") == 1000
+
+
+async def test_recovery_and_catchup_counters_follow_hub_stats(serve: Serve) -> None:
+    """Each recovery counter shows its HubStats field under its outcome, pushed once."""
+    hub = Hub()
+    base = await serve(metered_app(hub, Events()))
+    hub.stats.recoveries, hub.stats.recoveries_failed = 3, 2
+    hub.stats.messages_recovered = 41
+    hub.stats.catchup_gaps_filled, hub.stats.catchup_gaps_lost = 5, 1
+    for _ in range(2):  # a second scrape adds nothing
+        samples = await scrape(base)
+        assert value(samples, "roomcast_recoveries_total", outcome="recovered") == 3
+        assert value(samples, "roomcast_recoveries_total", outcome="not_recovered") == 2
+        assert value(samples, "roomcast_messages_recovered_total") == 41
+        assert value(samples, "roomcast_catchup_gaps_total", outcome="filled") == 5
+        assert value(samples, "roomcast_catchup_gaps_total", outcome="lost") == 1
+    hub.stats.catchup_gaps_lost += 1
+    samples = await scrape(base)
+    assert value(samples, "roomcast_catchup_gaps_total", outcome="lost") == 2
+    assert value(samples, "roomcast_catchup_gaps_total", outcome="filled") == 5
+
+
+async def test_broker_history_counters(serve: Serve) -> None:
+    """History publishes, an idempotent retry, reads and resumed rooms of the node's broker
+    are counted from its BrokerStats."""
+    history = History(10, 60)
+    broker = MemoryBroker(MemoryBus())
+    hub = Hub(HubConfig(history=HistoryPolicy(history)), broker=broker)
+    base = await serve(metered_app(hub, Events()))
+    room = Room("metered")
+    await broker.subscribe(room)
+    first = await broker.publish(room_envelope(room, b"a", binary=False), history=history,
+                                 idempotency_key="key-1")
+    again = await broker.publish(room_envelope(room, b"a", binary=False), history=history,
+                                 idempotency_key="key-1")
+    assert first is not None and again == first
+    await broker.publish(room_envelope(room, b"b", binary=False), history=history)
+    page = await broker.read_history(room, history, since=0)
+    assert [e.payload for e in page.envelopes] == [b"a", b"b"]
+    await broker.close()
+    with pytest.raises(BrokerError):
+        await broker.read_history(room, history)
+    samples = await scrape(base)
+    assert value(samples, "roomcast_history_published_total") == 2
+    assert value(samples, "roomcast_history_duplicates_total") == 1
+    assert value(samples, "roomcast_history_reads_total") == 1
+    assert value(samples, "roomcast_history_read_failures_total") == 0
+    assert value(samples, "roomcast_rooms_resumed_total") == 0
+    # As RedisBroker counts a read Redis refused and rooms back after a lost link:
+    broker.stats.history_read_failures += 2
+    broker.stats.resumed_rooms += 3
+    samples = await scrape(base)
+    assert value(samples, "roomcast_history_read_failures_total") == 2
+    assert value(samples, "roomcast_rooms_resumed_total") == 3
