@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final, Protocol
 
 from roomcast.node.core import CUT_OFF, WRITE, ConnectionCore, ConnectionState
+from roomcast.node.v1 import message_frame
 from roomcast.shared.frames import MessageReader, PreparedMessage, build_frame
+from roomcast.shared.history import Position
 from roomcast.shared.ids import ConnectionId, Room
 from roomcast.shared.rfc6455 import CloseCode, Opcode
 
@@ -50,7 +52,8 @@ class SocketControl(Protocol):
 class Connection(ConnectionCore):
     """A client connected to this node. Created by ``Hub.upgrade``; never by hand."""
 
-    __slots__ = ("_hub", "_protocol", "_transport", "_write_soon", "metadata", "remote")
+    __slots__ = ("_hub", "_protocol", "_since", "_transport", "_write_soon", "metadata",
+                 "previous", "protocol", "remote")
 
     def __init__(
         self,
@@ -59,8 +62,17 @@ class Connection(ConnectionCore):
         reader: MessageReader,
         write_soon: Callable[[Connection], None],
         remote: str | None = None,
+        protocol: str | None = None,
+        since: Mapping[Room, Position] | None = None,
+        previous: ConnectionId | None = None,
     ) -> None:
         super().__init__(conn_id, reader, hub.config.send_buffer_limit)
+        self.protocol: Final = protocol
+        """``"roomcast.v1"`` when the client asked for it (messages are framed, with
+        rooms and positions), None for a raw connection (messages as sent)."""
+        self._since: dict[Room, Position] | None = dict(since) if since else None
+        self.previous: Final = previous
+        """The ``roomcast.previous`` a v1 client declared (the connection it replaces)."""
         self.remote = remote
         """The client's address as the upgrade request gave it (``request.remote``).
 
@@ -74,6 +86,22 @@ class Connection(ConnectionCore):
         """Has the hub flush this connection at the end of the loop turn (one write)."""
         self._protocol: SocketControl | None = None
         self._transport: asyncio.Transport | None = None
+
+    @property
+    def v1(self) -> bool:
+        """True for a ``roomcast.v1`` connection."""
+        return self.protocol is not None
+
+    def take_since(self, room: Room) -> Position | None:
+        """The position the client declared for ``room`` at the upgrade, once: a later
+        join of the same room starts from where the connection then is."""
+        since = self._since
+        if since is None:
+            return None
+        position = since.pop(room, None)
+        if not since:
+            self._since = None
+        return position
 
     @property
     def hub(self) -> Hub:
@@ -104,20 +132,36 @@ class Connection(ConnectionCore):
     # -- sending ---------------------------------------------------------------------
 
     async def send_text(self, text: str) -> None:
-        """Queue a text message; ConnectionClosedError if the connection is not open."""
+        """Queue a text message; ConnectionClosedError if the connection is not open.
+
+        On a v1 connection it goes as a ``message`` frame without a room.
+        """
         if not isinstance(text, str):
             raise TypeError(f"send_text takes str, got {type(text).__name__}")
-        self.send_prepared(PreparedMessage(text.encode(), binary=False))
+        self.send_prepared(self.prepare(text.encode(), binary=False))
 
     async def send_binary(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue a binary message; ConnectionClosedError if the connection is not open."""
+        """Queue a binary message; ConnectionClosedError if the connection is not open.
+
+        On a v1 connection it goes as a binary ``message`` frame without a room.
+        """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"send_binary takes bytes, got {type(data).__name__}")
-        self.send_prepared(PreparedMessage(bytes(data), binary=True))
+        self.send_prepared(self.prepare(bytes(data), binary=True))
 
     async def send(self, data: str | bytes) -> None:
-        """Queue ``data``: text for ``str``, binary for bytes."""
-        self.send_prepared(PreparedMessage.of(data))
+        """Queue ``data``: text for ``str``, binary for bytes (framed on v1)."""
+        if isinstance(data, str):
+            await self.send_text(data)
+        else:
+            await self.send_binary(data)
+
+    def prepare(self, payload: bytes, *, binary: bool) -> PreparedMessage:
+        """A direct message to this connection as it asked for messages: as it is, or
+        (v1) in a ``message`` frame without a room."""
+        if self.protocol is None:
+            return PreparedMessage(payload, binary=binary)
+        return message_frame(payload, binary)
 
     async def send_ping(self, payload: bytes = b"") -> None:
         """Queue a ping; the pong that answers it is reported to ``on_pong``."""

@@ -3,6 +3,13 @@
 Every broadcast is framed once (``PreparedMessage``) and the same bytes are queued for
 each local member; one envelope goes to the broker for the members on other nodes.
 Queued frames are written once per event-loop turn. There is no task per recipient.
+
+A connection that asked for the ``roomcast.v1`` subprotocol gets every message in a v1
+frame (``node.v1``): a broadcast is framed once for the plain members and once for the
+v1 members. Rooms with history (``HubConfig.history``) are published through the broker,
+which gives every message its position; each node then delivers the room's messages in
+stream order through ``node.recovery`` (its own included, from the broker's echo), and a
+v1 member that joins gets what it missed before its ``joined`` frame.
 """
 
 from __future__ import annotations
@@ -32,13 +39,32 @@ from roomcast.node.core import (
     deliver,
 )
 from roomcast.node.handlers import EventHandler, run_callback
+from roomcast.node.recovery import LOST, MESSAGE, Catchup, Item, Lost, PendingJoin, Step
 from roomcast.node.rooms import RoomIndex
 from roomcast.node.stats import HubStats as HubStats  # re-exported: node.metrics imports it
+from roomcast.node.v1 import (
+    PROTOCOL,
+    UpgradeParams,
+    joined_frame,
+    left_frame,
+    lost_frame,
+    message_frame,
+    offers_v1,
+    parse_upgrade_params,
+    welcome_frame,
+)
 from roomcast.shared.config import HubConfig
 from roomcast.shared.envelope import Envelope, Kind
-from roomcast.shared.errors import HandshakeError
+from roomcast.shared.errors import BrokerError, HandshakeError, PublishError
 from roomcast.shared.frames import MessageReader, PreparedMessage
 from roomcast.shared.handshake import handshake_response, origin_allowed, validate_upgrade_request
+from roomcast.shared.history import (
+    MAX_READ_LIMIT,
+    History,
+    HistoryPage,
+    Position,
+    validate_idempotency_key,
+)
 from roomcast.shared.ids import (
     ConnectionId,
     NodeId,
@@ -90,6 +116,14 @@ class Hub:
         self._owner = Owner(self.stats, self._callback_tasks, self._connection_lost)
         self.on_envelope_latency: Callable[[float], None] | None = None
         """Called with publish-to-delivery seconds of each envelope from another node."""
+        self._framed_conns: dict[ConnectionId, Connection] = {}
+        """The roomcast.v1 connections (also in ``_connections``)."""
+        self._pending: dict[Room, dict[ConnectionId, PendingJoin]] = {}
+        """v1 members joining rooms with history, not yet caught up with the stream."""
+        self._subscribing: dict[Room, asyncio.Future[None]] = {}
+        """Rooms with history whose first subscribe is under way (later joiners wait)."""
+        self._catchup = Catchup(self._read_gap, self._emit_steps, self.stats,
+                                limit=min(self.config.recovery_max, MAX_READ_LIMIT))
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -98,7 +132,7 @@ class Hub:
         if self._started:
             return
         self._loop = asyncio.get_running_loop()
-        await self.broker.start(self.node_id, self._on_envelope)
+        await self.broker.start(self.node_id, self._on_envelope, resumed=self._on_resumed)
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="roomcast-keepalive")
         self._started = True
         self._accepting = True
@@ -131,6 +165,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keepalive
             self._keepalive = None
+        await self._catchup.close_all()
         if self._started:
             await self.broker.close()
             self._started = False
@@ -181,13 +216,15 @@ class Hub:
         return conn if conn is not None and conn.state is ConnectionState.OPEN else None
 
     def route(
-        self, handler: EventHandler, *, rooms: Iterable[str] = ()
+        self, handler: EventHandler, *, rooms: Iterable[str] = (), replay: int = 0
     ) -> Any:
-        """An aiohttp handler that upgrades every request with ``handler``."""
+        """An aiohttp handler that upgrades every request with ``handler`` (see
+        ``upgrade`` for ``rooms`` and ``replay``)."""
         rooms = tuple(rooms)
+        _check_replay(replay)
 
         async def websocket_route(request: web.Request) -> web.StreamResponse:
-            return await self.upgrade(request, handler, rooms=rooms)
+            return await self.upgrade(request, handler, rooms=rooms, replay=replay)
 
         return websocket_route
 
@@ -198,17 +235,25 @@ class Hub:
         *,
         rooms: Iterable[str] = (),
         metadata: Mapping[str, str] | None = None,
+        replay: int = 0,
     ) -> web.StreamResponse:
         """Accept a WebSocket on ``request`` (``register``); return what aiohttp must return.
 
-        Refused before the upgrade: not a WebSocket request (400/405/426), origin not
-        allowed (403), node full or shutting down (503). On success the hub writes the
-        101, takes the socket over from aiohttp, the connection gets ``metadata``, joins
-        ``rooms`` and ``on_open`` runs; then this returns. From there on the hub serves
-        the connection on its own (no task, and not the request, is kept while it is
-        idle): every message goes to ``on_message`` in order, and ``on_close`` comes
-        last. A failure while opening (a broker error joining a room) closes it with
-        1011.
+        A client that offers the ``roomcast.v1`` subprotocol gets it (see
+        docs/protocol.md): a ``welcome`` frame first, framed messages, and in each room
+        with history it joins, the messages after the position it declared in
+        ``roomcast.since`` (or, without one, the last ``replay`` messages), then a
+        ``joined`` frame. Other clients get raw messages, as always.
+
+        Refused before the upgrade: not a WebSocket request (400/405/426), a v1 request
+        whose ``roomcast.since`` or ``roomcast.previous`` is malformed (400, the body says
+        what is wrong), origin not allowed (403), node full or shutting down (503). On
+        success the hub writes the 101, takes the socket over from aiohttp, the
+        connection gets ``metadata``, joins ``rooms`` and ``on_open`` runs; then this
+        returns. From there on the hub serves the connection on its own (no task, and
+        not the request, is kept while it is idle): every message goes to
+        ``on_message`` in order, and ``on_close`` comes last. A failure while opening
+        (a broker error joining a room) closes it with 1011.
         """
         try:
             key = validate_upgrade_request(request.method, request.headers)
@@ -216,7 +261,15 @@ class Hub:
             self.stats.refused_handshake += 1
             headers = {"Sec-WebSocket-Version": "13"} if exc.status == 426 else None
             return web.Response(status=exc.status, text=f"{exc}\n", headers=headers)
+        params: UpgradeParams | None = None
+        if offers_v1(request.headers.getall("Sec-WebSocket-Protocol", ())):
+            try:
+                params = parse_upgrade_params(request.query, request.query.getall)
+            except ValueError as exc:
+                self.stats.refused_handshake += 1
+                return web.Response(status=400, text=f"{exc}\n")
         room_names = [validate_room(r) for r in rooms]
+        _check_replay(replay)
         origin = request.headers.get("Origin")
         if not origin_allowed(origin, request.host, self.config.allowed_origins):
             self.stats.refused_origin += 1
@@ -244,9 +297,14 @@ class Hub:
         )
         self._seq += 1
         reader = MessageReader(self.config.max_message_size, deflate=bool(wbits))
-        conn = Connection(make_connection_id(self.node_id, self._seq), self, reader,
-                          self._write_soon, request.remote)
+        conn = Connection(
+            make_connection_id(self.node_id, self._seq), self, reader, self._write_soon,
+            request.remote, PROTOCOL if params is not None else None,
+            params.since if params is not None else None,
+            params.previous if params is not None else None)
         self._connections[conn.id] = conn  # reserve the slot before awaiting
+        if params is not None:
+            self._framed_conns[conn.id] = conn
         # Which node took the connection, and its id (for targeted sends and for
         # checking where a load balancer sends clients).
         ids = {"X-Roomcast-Node": self.node_id, "X-Roomcast-Connection": conn.id}
@@ -255,9 +313,13 @@ class Hub:
             transport, tail = take_over(request, protocol)
         except BaseException:
             self._connections.pop(conn.id, None)
+            self._framed_conns.pop(conn.id, None)
             raise
-        transport.write(handshake_response(key, extensions, ids))
+        transport.write(handshake_response(key, extensions, ids, conn.protocol))
         conn.attach(protocol, transport, wbits, time.time() + self.config.ping_interval)
+        if conn.protocol is not None:
+            ids["Sec-WebSocket-Protocol"] = conn.protocol
+            conn.send_prepared(welcome_frame(self.node_id, conn.id))  # the first frame
         self.stats.connections_opened += 1
         task = asyncio.current_task()
         if task is not None:
@@ -270,7 +332,7 @@ class Hub:
                     conn.set_metadata(name, value)
             for room in room_names:
                 if conn.state is ConnectionState.OPEN:
-                    await self.join_room(conn, room)
+                    await self.join_room(conn, room, replay=replay)
             log.debug("opened %s from %s", conn.id, request.remote,
                       extra={"conn_id": conn.id})
             await run_callback(conn, handler, handler.on_open)
@@ -311,7 +373,12 @@ class Hub:
             await asyncio.wait((dispatching,))
         was_open = conn.lost()
         self._connections.pop(conn.id, None)
+        self._framed_conns.pop(conn.id, None)
         rooms, emptied = self._rooms.leave_all(conn.id)
+        for room in rooms:
+            self._drop_pending(room, conn.id)
+        for room in emptied:
+            self._catchup.close(room)
         if rooms:
             try:
                 await self.broker.remove_presence(conn.id, rooms)
@@ -334,24 +401,155 @@ class Hub:
         """The rooms a local connection is in."""
         return self._rooms.rooms_of(conn_id)
 
-    async def join_room(self, conn: Connection, room: str) -> None:
-        """Add ``conn`` to ``room``; its cross-node broadcasts reach it once this returns."""
+    async def join_room(self, conn: Connection, room: str, *, replay: int = 0) -> None:
+        """Add ``conn`` to ``room``; its cross-node broadcasts reach it once this returns.
+
+        A v1 connection gets a ``joined`` frame. In a room with history it first gets the
+        messages after the position it declared for the room at the upgrade (at most
+        ``HubConfig.recovery_max``; ``joined`` says ``recovered`` false, with the reason,
+        when they cannot all be sent), or without one the last ``replay`` messages, and
+        then the room's live messages from where ``joined`` left it, none twice.
+        """
         name = validate_room(room)
+        _check_replay(replay)
         if conn.state is not ConnectionState.OPEN:
             raise ValueError(f"connection {conn.id} is {conn.state.value}; it cannot join rooms")
         if self._rooms.contains(name, conn.id):
             return
-        first = self._rooms.join(name, conn.id, conn)
-        if first:
+        history = self.history_for(name)
+        framed = conn.protocol is not None
+        if history is None:
+            first = self._rooms.join(name, conn.id, conn, framed=framed)
+            if framed:
+                self._send_one(conn, joined_frame(name))
+            if first:
+                await self.broker.subscribe(name)
+            await self.broker.add_presence(name, conn.id)
+            return
+        if not framed:
+            first = self._rooms.join(name, conn.id, conn)
+            await self._subscribe_history(name, history, first, start=True)
+            await self.broker.add_presence(name, conn.id)
+            return
+        pending = PendingJoin()
+        first = self._rooms.join(name, conn.id, conn, pending=True)
+        self._pending.setdefault(name, {})[conn.id] = pending
+        try:
+            await self._subscribe_history(name, history, first, start=False)
+            await self.broker.add_presence(name, conn.id)
+            await self._recover(conn, name, history, pending, replay)
+        finally:
+            # Not caught up yet: it stays pending, served on its own until it has caught
+            # up (see _emit_steps); failed before its joined frame: a plain v1 member.
+            if self._pending.get(name, {}).get(conn.id) is pending and not pending.ready:
+                self._drop_pending(name, conn.id)
+                self._rooms.activate(name, conn.id)
+
+    async def _subscribe_history(
+        self, name: Room, history: History, first: bool, *, start: bool
+    ) -> None:
+        """Subscribe to a room with history (first local member) and track its stream;
+        a later joiner waits for a subscribe under way. ``start``: read the room's
+        position now to start its stream (a plain member; a v1 one reads it anyway)."""
+        if not first:
+            waiting = self._subscribing.get(name)
+            if waiting is not None:
+                await asyncio.shield(waiting)
+            return
+        stream = self._catchup.open(name, history)
+        done = (self._loop or asyncio.get_running_loop()).create_future()
+        self._subscribing[name] = done
+        try:
             await self.broker.subscribe(name)
-        await self.broker.add_presence(name, conn.id)
+        finally:
+            done.set_result(None)
+            if self._subscribing.get(name) is done:
+                del self._subscribing[name]
+        if start:
+            position: Position | None = None
+            try:
+                position = (await self.broker.read_history(name, history, limit=0)).position
+            except BrokerError as exc:
+                log.warning("could not read the position of room %r: %s", name, exc)
+            if self._catchup.stream(name) is stream:
+                self._catchup.start(stream, position)
+
+    async def _recover(
+        self, conn: Connection, name: Room, history: History, pending: PendingJoin,
+        replay: int,
+    ) -> None:
+        """Read the room's history for a joining v1 member, send what it missed and the
+        ``joined`` frame, then the live messages that came meanwhile."""
+        declared = conn.take_since(name)
+        page: HistoryPage | None = None
+        recovered: bool | None = None
+        reason: str | None = None
+        envelopes: tuple[Envelope, ...] | list[Envelope] = ()
+        try:
+            if declared is not None:
+                page = await self.broker.read_history(
+                    name, history, since=declared.offset,
+                    limit=min(self.config.recovery_max, MAX_READ_LIMIT))
+                reason = page.gap(declared)
+                recovered = reason is None
+                if recovered:
+                    envelopes = page.envelopes
+            else:
+                page = await self.broker.read_history(name, history, limit=replay)
+                envelopes = [env for env in page.envelopes if env.epoch == page.epoch]
+        except BrokerError as exc:
+            log.warning("could not read the history of room %r for %s: %s", name, conn.id,
+                        exc, extra={"conn_id": conn.id})
+            if declared is not None:
+                recovered, reason = False, "unavailable"
+        position = page.position if page is not None else None
+        stream = self._catchup.stream(name)
+        if stream is not None and not stream.started:
+            self._catchup.start(stream, position)
+        if (self._pending.get(name, {}).get(conn.id) is not pending
+                or conn.state is not ConnectionState.OPEN):
+            return  # it left the room (or closed) during the read
+        previous = conn.previous
+        replayed = 0
+        for env in envelopes:
+            if previous is not None and env.exclude == previous:
+                continue
+            self._send_one(conn, message_frame(env.payload, env.binary, name,
+                                               Position(env.epoch, env.offset)))
+            replayed += 1
+        stats = self.stats
+        stats.messages_recovered += replayed
+        if recovered is True:
+            stats.recoveries += 1
+        elif recovered is False:
+            stats.recoveries_failed += 1
+        self._send_one(conn, joined_frame(name, position, recovered=recovered, reason=reason,
+                                          replayed=replayed))
+        for frame in pending.joined(position):
+            self._send_one(conn, frame)
+        if pending.caught_up(self._catchup.stream(name)):
+            self._drop_pending(name, conn.id)
+            self._rooms.activate(name, conn.id)
+
+    def _drop_pending(self, room: Room, conn_id: ConnectionId) -> None:
+        pending = self._pending.get(room)
+        if pending is not None and pending.pop(conn_id, None) is not None and not pending:
+            del self._pending[room]
 
     async def leave_room(self, conn: Connection, room: str) -> None:
-        """Remove ``conn`` from ``room``; nothing happens if it was not a member."""
+        """Remove ``conn`` from ``room``; nothing happens if it was not a member.
+
+        A v1 connection gets a ``left`` frame.
+        """
         name = validate_room(room)
         if not self._rooms.contains(name, conn.id):
             return
+        self._drop_pending(name, conn.id)
         last = self._rooms.leave(name, conn.id)
+        if last:
+            self._catchup.close(name)
+        if conn.protocol is not None and conn.state is ConnectionState.OPEN:
+            self._send_one(conn, left_frame(name))
         await self.broker.remove_presence(conn.id, (name,))
         if last and not self._rooms.size(name):
             await self.broker.unsubscribe(name)
@@ -375,35 +573,86 @@ class Hub:
             return set(self._rooms.members(name))
         return await self.broker.room_members(name)
 
+    # -- history ---------------------------------------------------------------------
+
+    def history_for(self, room: str) -> History | None:
+        """The history ``room`` keeps under ``HubConfig.history``, or None (no history)."""
+        policy = self.config.history
+        return None if policy is None else policy.for_room(room)
+
+    async def room_history(
+        self, room: str, *, since: int | None = None, limit: int = 100
+    ) -> HistoryPage:
+        """The room's position and its messages after offset ``since`` (None: the latest
+        ``limit``), oldest first, at most ``limit`` (0-10,000).
+
+        ValueError if the room keeps no history (``HubConfig.history``) or for a bad
+        ``since``/``limit``; BrokerError when the history cannot be read.
+        """
+        name = validate_room(room)
+        history = self.history_for(name)
+        if history is None:
+            raise ValueError(f"room {name!r} has no history: give it one in "
+                             "HubConfig.history (a HistoryPolicy)")
+        return await self.broker.read_history(name, history, since=since, limit=limit)
+
     # -- sending ---------------------------------------------------------------------
 
     async def broadcast_to_room(
-        self, room: str, data: Data, *, exclude: str | None = None
-    ) -> None:
+        self, room: str, data: Data, *, exclude: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Position | None:
         """Send ``data`` to every member of ``room`` on every node (``broadcastToRoom``).
 
         Local members get it before this returns; PublishError means members on other
-        nodes did not.
+        nodes did not. In a room with history the message is stored and the position it
+        got is returned (None for a room without history); ``idempotency_key``: a retry
+        with the same key within the room's history window is stored and delivered once,
+        and returns the first position. In a room with history, PublishError means the
+        message was not stored: local members got it without a position.
         """
         name = validate_room(room)
         prepared = PreparedMessage.of(data)
         self.stats.broadcasts += 1
-        self._deliver(self._rooms.members(name).values(), prepared, exclude)
-        if self.broker.has_peers:
-            await self.broker.publish(
-                Envelope(Kind.ROOM, name, prepared.payload, prepared.binary, self.node_id,
-                         exclude or "", time.time())
-            )
+        history = self.history_for(name)
+        if history is None:
+            if idempotency_key is not None:
+                validate_idempotency_key(idempotency_key)
+                raise ValueError(f"room {name!r} has no history, so an idempotency key "
+                                 "cannot be honoured; give the room a History")
+            self._deliver_room(name, prepared, exclude, None)
+            if self.broker.has_peers:
+                await self.broker.publish(
+                    Envelope(Kind.ROOM, name, prepared.payload, prepared.binary,
+                             self.node_id, exclude or "", time.time())
+                )
+            return None
+        env = Envelope(Kind.ROOM, name, prepared.payload, prepared.binary, self.node_id,
+                       exclude or "", time.time())
+        try:
+            position = await self.broker.publish(env, history=history,
+                                                 idempotency_key=idempotency_key)
+        except PublishError:
+            # Not stored: local members still get it, without a position.
+            self._deliver_room(name, prepared, exclude, None)
+            raise
+        if position is not None and not self._catchup.offer(
+                env.with_position(position.epoch, position.offset)):
+            self._deliver_room(name, prepared, exclude, None)  # no local member tracks it
+        return position
 
-    async def broadcast_to_room_except(self, room: str, data: Data, exclude: str) -> None:
+    async def broadcast_to_room_except(
+        self, room: str, data: Data, exclude: str, *, idempotency_key: str | None = None
+    ) -> Position | None:
         """``broadcast_to_room`` without the connection ``exclude`` (``broadcastToRoomExcept``)."""
-        await self.broadcast_to_room(room, data, exclude=exclude)
+        return await self.broadcast_to_room(room, data, exclude=exclude,
+                                            idempotency_key=idempotency_key)
 
     async def broadcast(self, data: Data, *, exclude: str | None = None) -> None:
         """Send ``data`` to every connection on every node (``broadcast``)."""
         prepared = PreparedMessage.of(data)
         self.stats.broadcasts += 1
-        self._deliver(self._connections.values(), prepared, exclude)
+        self._deliver_all(prepared, exclude)
         if self.broker.has_peers:
             await self.broker.publish(
                 Envelope(Kind.ALL, "", prepared.payload, prepared.binary, self.node_id,
@@ -426,16 +675,24 @@ class Hub:
             conn = self.get_connection(conn_id)
             if conn is None:
                 return False
-            conn.send_prepared(prepared)
-            if not conn.is_open:  # this frame took it over its limit: cut off, dropped
-                return False
-            self.stats.messages_out += 1
-            self.stats.bytes_out += len(prepared.payload)
-            return True
+            return self._send_one(conn, conn.prepare(prepared.payload, binary=prepared.binary)
+                                  if conn.protocol is not None else prepared)
         await self.broker.publish(
             Envelope(Kind.CONNECTION, conn_id, prepared.payload, prepared.binary,
                      self.node_id, "", time.time())
         )
+        return True
+
+    def _send_one(self, conn: Connection, prepared: PreparedMessage) -> bool:
+        """Queue a frame for one connection; False if it is not open or this frame cut it
+        off (dropped)."""
+        if conn.state is not ConnectionState.OPEN:
+            return False
+        conn.send_prepared(prepared)
+        if not conn.is_open:  # this frame took it over its limit: cut off, dropped
+            return False
+        self.stats.messages_out += 1
+        self.stats.bytes_out += len(prepared.payload)
         return True
 
     def _deliver(
@@ -460,9 +717,103 @@ class Hub:
         for conn in cut_off:
             conn.settle()
 
+    def _deliver_all(self, prepared: PreparedMessage, exclude: str | None) -> None:
+        """A message to every local connection: as it is, or v1-framed (no room)."""
+        framed = self._framed_conns
+        if not framed:
+            self._deliver(self._connections.values(), prepared, exclude)
+            return
+        self._deliver((c for c in self._connections.values() if c.protocol is None),
+                      prepared, exclude)
+        self._deliver(framed.values(), message_frame(prepared.payload, prepared.binary),
+                      exclude)
+
+    def _deliver_room(
+        self, name: Room, prepared: PreparedMessage, exclude: str | None,
+        position: Position | tuple[str, int] | None,
+    ) -> None:
+        """A room message to the room's local members: the plain ones get ``prepared``,
+        the v1 ones one frame with the room (and ``position``), framed once for all;
+        members still joining get it through their ``PendingJoin``."""
+        rooms = self._rooms
+        plain = rooms.plain(name)
+        if plain:
+            self._deliver(plain.values(), prepared, exclude)
+        framed = rooms.framed(name)
+        pending = self._pending.get(name)
+        if not framed and not pending:
+            return
+        frame = message_frame(prepared.payload, prepared.binary, name, position)
+        if framed:
+            self._deliver(framed.values(), frame, exclude)
+        if pending:
+            if position is None:
+                item: Item = (MESSAGE, None, 0, frame)
+            elif isinstance(position, Position):
+                item = (MESSAGE, position.epoch, position.offset, frame)
+            else:
+                item = (MESSAGE, position[0], position[1], frame)
+            self._offer_pending(name, pending, exclude, item)
+
+    def _offer_pending(
+        self, name: Room, pending: dict[ConnectionId, PendingJoin], exclude: str | None,
+        item: Item,
+    ) -> None:
+        """Pass one room item to the members still joining ``name``."""
+        kind, epoch, offset, _ = item
+        excluded: Item = (kind, epoch, offset, None)
+        for conn_id, join in list(pending.items()):
+            out = join.offer(excluded if conn_id == exclude else item)
+            if out is not None:
+                conn = self._connections.get(conn_id)
+                if conn is not None:
+                    self._send_one(conn, out)
+
+    def _emit_steps(self, name: Room, steps: list[Step]) -> None:
+        """Carry out the tracker's steps for a room: deliver envelopes, report losses."""
+        for step in steps:
+            if isinstance(step, Lost):
+                self.stats.catchup_gaps_lost += 1
+                log.info("room %r: messages before %s:%d cannot be delivered (%s)", name,
+                         step.position.epoch, step.position.offset, step.reason)
+                frame = lost_frame(name, step.position, step.reason)
+                framed = self._rooms.framed(name)
+                if framed:
+                    self._deliver(framed.values(), frame, None)
+                pending = self._pending.get(name)
+                if pending:
+                    self._offer_pending(name, pending, None, (
+                        LOST, step.position.epoch, step.position.offset, frame))
+            else:
+                self._deliver_room(name, PreparedMessage(step.payload, binary=step.binary),
+                                   step.exclude or None, (step.epoch, step.offset))
+        pending = self._pending.get(name)
+        if pending:
+            stream = self._catchup.stream(name)
+            for conn_id, join in list(pending.items()):
+                if join.caught_up(stream):
+                    self._drop_pending(name, conn_id)
+                    self._rooms.activate(name, conn_id)
+
+    async def _read_gap(
+        self, room: Room, history: History, since: int, limit: int
+    ) -> HistoryPage:
+        return await self.broker.read_history(room, history, since=since, limit=limit)
+
+    def _on_resumed(self, rooms: frozenset[Room]) -> None:
+        """The broker's subscriptions of ``rooms`` came back: fill what was missed."""
+        self._catchup.resumed(rooms)
+
     def _on_envelope(self, env: Envelope) -> None:
-        """Deliver an envelope from another node to the local connections it names."""
-        if env.origin == self.node_id:
+        """Deliver an envelope from the broker to the local connections it names.
+
+        Positioned room envelopes (rooms with history, this node's own included) go
+        through the stream tracker; other envelopes of this node are ignored.
+        """
+        if env.kind is Kind.ROOM and env.offset:
+            if self._catchup.offer(env) or env.origin == self.node_id:
+                return
+        elif env.origin == self.node_id:
             return
         self.stats.envelopes_received += 1
         if self.on_envelope_latency is not None and env.sent_at:
@@ -470,13 +821,15 @@ class Hub:
         prepared = PreparedMessage(env.payload, binary=env.binary)
         exclude = env.exclude or None
         if env.kind is Kind.ROOM:
-            self._deliver(self._rooms.members(Room(env.target)).values(), prepared, exclude)
+            self._deliver_room(Room(env.target), prepared, exclude,
+                               (env.epoch, env.offset) if env.offset else None)
         elif env.kind is Kind.ALL:
-            self._deliver(self._connections.values(), prepared, exclude)
+            self._deliver_all(prepared, exclude)
         else:
             conn = self._connections.get(ConnectionId(env.target))
             if conn is not None:
-                self._deliver((conn,), prepared, None)
+                self._deliver((conn,), conn.prepare(env.payload, binary=env.binary)
+                              if conn.protocol is not None else prepared, None)
 
     # -- the write path --------------------------------------------------------------
 
@@ -525,6 +878,13 @@ class Hub:
                     log.info("closing %s: no pong within %.1fs", conn.id, timeout,
                              extra={"conn_id": conn.id})
                     conn.abort(CloseCode.INTERNAL_ERROR, PONG_TIMEOUT_REASON)
+
+
+def _check_replay(replay: object) -> None:
+    if isinstance(replay, bool) or not isinstance(replay, int):
+        raise TypeError(f"replay must be an int, got {type(replay).__name__}")
+    if not 0 <= replay <= MAX_READ_LIMIT:
+        raise ValueError(f"replay must be from 0 to {MAX_READ_LIMIT}, got {replay}")
 
 
 HUB: Final = web.AppKey("roomcast_hub", Hub)

@@ -64,12 +64,14 @@ def accept_key(key: str) -> str:
 
 
 def handshake_response(
-    key: str, extensions: str | None = None, headers: Mapping[str, str] | None = None
+    key: str, extensions: str | None = None, headers: Mapping[str, str] | None = None,
+    protocol: str | None = None,
 ) -> bytes:
     """The bytes of the HTTP 101 response to an upgrade with ``key`` (``createResponse``).
 
-    ``extensions`` is the Sec-WebSocket-Extensions value agreed on; ``headers`` are
-    added as they are (names and values must be ASCII without CR or LF).
+    ``extensions`` is the Sec-WebSocket-Extensions value agreed on; ``protocol`` the
+    subprotocol chosen from the client's offer (Sec-WebSocket-Protocol, none when None);
+    ``headers`` are added as they are (names and values must be ASCII without CR or LF).
     """
     lines = [
         "HTTP/1.1 101 Switching Protocols",
@@ -79,6 +81,10 @@ def handshake_response(
     ]
     if extensions:
         lines.append(f"Sec-WebSocket-Extensions: {extensions}")
+    if protocol:
+        if any(c in protocol for c in "\r\n,"):
+            raise ValueError(f"subprotocol {protocol!r} is not a single token")
+        lines.append(f"Sec-WebSocket-Protocol: {protocol}")
     for name, value in (headers or {}).items():
         if any(c in f"{name}{value}" for c in "\r\n"):
             raise ValueError(f"header {name!r} contains CR or LF")

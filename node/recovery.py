@@ -1,0 +1,424 @@
+"""Rooms with history on one node: deliver each room's messages in stream order, fill
+gaps from the history, and bring a joining ``roomcast.v1`` member in without a gap or a
+duplicate.
+
+Three parts, the first two without I/O:
+
+- ``StreamTracker`` keeps, per local room with history, the last position this node
+  delivered. ``offer(env)`` answers what to deliver now: the next offset is delivered
+  (with any held ones that follow it), an offset already passed is a duplicate (the own
+  echo of a publish lands here) and is dropped, a later offset is held until the gap is
+  filled, and an envelope of another epoch means the room's history was lost: a ``Lost``
+  step, then the new epoch. ``fill(page)`` merges a history read into the stream; what
+  the read cannot supply becomes a ``Lost`` step with its reason.
+- ``PendingJoin`` is one joining member's view while its history is read: live messages
+  are queued, then, once the ``joined`` frame is out, only those after the member's
+  position are passed on, until the member has caught up with the tracker.
+- ``Catchup`` drives the tracker on the event loop: a gap not filled by pub/sub within
+  ``grace`` seconds (or a hold grown past ``hold_max``) is read from the history, as is
+  every room whose subscription came back after a lost link (``resumed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from roomcast.node.stats import HubStats
+from roomcast.shared.envelope import Envelope
+from roomcast.shared.errors import BrokerError
+from roomcast.shared.frames import PreparedMessage
+from roomcast.shared.history import EPOCH, WINDOW, History, HistoryPage, Position
+from roomcast.shared.ids import Room
+
+log = logging.getLogger("roomcast.node")
+
+GRACE: Final = 0.5
+"""Seconds a gap may wait for pub/sub to fill it before the history is read."""
+HOLD_MAX: Final = 1000
+"""Envelopes held per room behind a gap before the history is read at once."""
+RETRY_MAX: Final = 5.0
+"""Seconds between failed gap reads at most (the delay doubles from ``grace``)."""
+UNAVAILABLE: Final = "unavailable"
+"""The reason of a gap given up because the history could not be read."""
+_RETIRED_KEPT: Final = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """A step: messages before ``position`` cannot be delivered (``reason``)."""
+
+    position: Position
+    reason: str
+
+
+Step = Envelope | Lost
+"""What the tracker tells the hub to do for a room, in order."""
+
+
+class RoomStream:
+    """One local room's place in its stream (see ``StreamTracker``)."""
+
+    __slots__ = ("early", "epoch", "failures", "held", "history", "offset", "reading",
+                 "retired", "room", "started", "timer")
+
+    def __init__(self, room: Room, history: History) -> None:
+        self.room = room
+        self.history = history
+        self.started = False
+        """False until the first read of the room gave its position (``start``)."""
+        self.epoch: str | None = None
+        """The epoch of the last delivered position; None while unknown (the first
+        read failed: the next envelope sets it)."""
+        self.offset = 0
+        self.held: dict[int, Envelope] = {}
+        """Envelopes after a gap, by offset (all of ``epoch``)."""
+        self.early: list[Envelope] = []
+        """Envelopes that came before ``start``."""
+        self.retired: list[str] = []
+        """Epochs this room left: their late envelopes are dropped."""
+        self.reading = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.failures = 0
+
+    @property
+    def position(self) -> Position | None:
+        """The last position delivered, or None while unknown."""
+        return None if self.epoch is None else Position(self.epoch, self.offset)
+
+    def _retire(self, epoch: str) -> None:
+        self.retired.append(epoch)
+        del self.retired[:-_RETIRED_KEPT]
+
+
+class StreamTracker:
+    """The last delivered position of every local room with history (no I/O)."""
+
+    def __init__(self, hold_max: int = HOLD_MAX) -> None:
+        self.hold_max = hold_max
+        self.rooms: dict[Room, RoomStream] = {}
+
+    def open(self, room: Room, history: History) -> RoomStream:
+        """Track ``room`` (it got its first local member); not started yet."""
+        stream = self.rooms[room] = RoomStream(room, history)
+        return stream
+
+    def close(self, room: Room) -> RoomStream | None:
+        """Stop tracking ``room`` (its last local member left)."""
+        return self.rooms.pop(room, None)
+
+    def start(self, stream: RoomStream, position: Position | None) -> list[Step]:
+        """The room's first read gave ``position`` (None: it failed): deliver from there,
+        beginning with the envelopes that arrived before."""
+        if stream.started:
+            return []
+        stream.started = True
+        if position is not None:
+            stream.epoch, stream.offset = position.epoch, position.offset
+        early, stream.early = stream.early, []
+        steps: list[Step] = []
+        for env in early:
+            steps.extend(self._offer(stream, env))
+        return steps
+
+    def offer(self, env: Envelope) -> list[Step] | None:
+        """Steps for a positioned room envelope; None when its room is not tracked."""
+        stream = self.rooms.get(Room(env.target))
+        if stream is None:
+            return None
+        return self._offer(stream, env)
+
+    def _offer(self, stream: RoomStream, env: Envelope) -> list[Step]:
+        if not stream.started:
+            if len(stream.early) < self.hold_max:
+                stream.early.append(env)
+            return []  # past the bound: the gap it leaves is read once started
+        offset = env.offset
+        if env.epoch != stream.epoch:
+            if stream.epoch is None:
+                stream.epoch, stream.offset = env.epoch, offset
+                return [env]
+            if env.epoch in stream.retired:
+                return []  # a late message of an epoch this room left
+            stream._retire(stream.epoch)
+            stream.epoch, stream.offset = env.epoch, offset
+            stream.held.clear()
+            return [Lost(Position(env.epoch, offset - 1), EPOCH), env]
+        if offset == stream.offset + 1:
+            stream.offset = offset
+            if not stream.held:
+                return [env]
+            return [env, *self._drain(stream)]
+        if offset > stream.offset:
+            stream.held[offset] = env
+        return []
+
+    def _drain(self, stream: RoomStream) -> list[Step]:
+        """The held envelopes that now follow the last position, in order."""
+        held = stream.held
+        out: list[Step] = []
+        nxt = stream.offset + 1
+        while held:
+            env = held.pop(nxt, None)
+            if env is None:
+                break
+            out.append(env)
+            nxt += 1
+        stream.offset = nxt - 1
+        return out
+
+    def fill(self, stream: RoomStream, page: HistoryPage, since: int) -> tuple[list[Step], bool]:
+        """Merge a history read (made since offset ``since``) into the stream: the steps,
+        and whether it filled a gap (delivered something pub/sub had not)."""
+        if not stream.started or stream.epoch is None or page.epoch in stream.retired:
+            return [], False
+        epoch = stream.epoch
+        if page.epoch != epoch:
+            stream._retire(epoch)
+            stream.epoch, stream.offset = page.epoch, page.top
+            stream.held.clear()
+            return [Lost(page.position, EPOCH)], False
+        held = stream.held
+        for env in page.envelopes:
+            if env.epoch == epoch and env.offset > stream.offset:
+                held.setdefault(env.offset, env)
+        steps = self._drain(stream)
+        filled = bool(steps)
+        if stream.offset < page.top:
+            # The page should have held everything up to its top: what it lacks is gone.
+            reason = page.gap(Position(epoch, since)) or WINDOW
+            below = [offset for offset in held if offset <= page.top]
+            skip_to = min(below) - 1 if below else page.top
+            stream.offset = skip_to
+            steps.append(Lost(Position(epoch, skip_to), reason))
+            steps.extend(self._drain(stream))
+            filled = False
+        return steps, filled
+
+    def give_up(self, stream: RoomStream, reason: str) -> list[Step]:
+        """The gap cannot be read: skip to the first held envelope."""
+        if not stream.held or stream.epoch is None:
+            return []
+        stream.offset = min(stream.held) - 1
+        return [Lost(Position(stream.epoch, stream.offset), reason), *self._drain(stream)]
+
+
+# -- a joining member --------------------------------------------------------------------
+
+MESSAGE: Final = 0
+LOST: Final = 1
+
+Item = tuple[int, str | None, int, PreparedMessage | None]
+"""(MESSAGE or LOST, epoch or None for a message without a position, offset, frame or
+None for a message this member is excluded from)."""
+
+
+class PendingJoin:
+    """A v1 member joining a room with history: what reaches it while its history is read,
+    and until it has caught up with the room's stream."""
+
+    __slots__ = ("epoch", "offset", "queue", "ready")
+
+    def __init__(self) -> None:
+        self.queue: list[Item] = []
+        self.ready = False
+        """True once its ``joined`` frame is out."""
+        self.epoch: str | None = None
+        self.offset = 0
+
+    def offer(self, item: Item) -> PreparedMessage | None:
+        """The frame to send now for ``item``, or None (queued, duplicate or excluded)."""
+        if not self.ready:
+            self.queue.append(item)
+            return None
+        return self._pass(item)
+
+    def joined(self, position: Position | None) -> list[PreparedMessage]:
+        """The ``joined`` frame is out at ``position``: the queued frames to send after."""
+        self.ready = True
+        if position is not None:
+            self.epoch, self.offset = position.epoch, position.offset
+        queue, self.queue = self.queue, []
+        frames = []
+        for item in queue:
+            frame = self._pass(item)
+            if frame is not None:
+                frames.append(frame)
+        return frames
+
+    def _pass(self, item: Item) -> PreparedMessage | None:
+        kind, epoch, offset, frame = item
+        if epoch is None:
+            return frame
+        if kind == LOST:
+            if epoch == self.epoch and offset <= self.offset:
+                return None  # this member's position is already past it
+        elif self.epoch is not None and (epoch != self.epoch or offset <= self.offset):
+            return None  # sent before its joined frame, or of an epoch it is past
+        self.epoch, self.offset = epoch, offset
+        return frame
+
+    def caught_up(self, stream: RoomStream | None) -> bool:
+        """True once this member is where the room's stream is (it can take the shared
+        frames of every member from now on)."""
+        if not self.ready:
+            return False
+        if stream is None:
+            return True  # the room is not tracked any more: nothing to filter
+        if not stream.started:
+            return False
+        return stream.epoch == self.epoch and (self.epoch is None or
+                                               stream.offset == self.offset)
+
+
+# -- on the event loop -------------------------------------------------------------------
+
+Read = Callable[[Room, History, int, int], Awaitable[HistoryPage]]
+"""Reads a room's history: (room, history, since, limit) -> page."""
+Emit = Callable[[Room, list[Step]], None]
+"""Carries out the steps for a room's local members."""
+
+
+class Catchup:
+    """Runs the tracker for the hub: offers, gap reads after a grace, resumed rooms."""
+
+    def __init__(self, read: Read, emit: Emit, stats: HubStats, *, limit: int,
+                 grace: float = GRACE, hold_max: int = HOLD_MAX) -> None:
+        self.tracker = StreamTracker(hold_max)
+        self._read = read
+        self._emit = emit
+        self._stats = stats
+        self._limit = limit
+        self.grace = grace
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def stream(self, room: Room) -> RoomStream | None:
+        """The tracked stream of ``room``, if any."""
+        return self.tracker.rooms.get(room)
+
+    def open(self, room: Room, history: History) -> RoomStream:
+        """Track a room that got its first local member."""
+        old = self.tracker.rooms.get(room)
+        if old is not None:
+            self._cancel(old)
+        return self.tracker.open(room, history)
+
+    def close(self, room: Room) -> None:
+        """Stop tracking a room whose last local member left."""
+        stream = self.tracker.close(room)
+        if stream is not None:
+            self._cancel(stream)
+
+    def start(self, stream: RoomStream, position: Position | None) -> None:
+        """First position of a room (from a join's read): deliver what waited for it."""
+        steps = self.tracker.start(stream, position)
+        self._after(stream, steps)
+
+    def offer(self, env: Envelope) -> bool:
+        """Deliver a positioned room envelope in stream order; False if the room is not
+        tracked here (not a local room with history)."""
+        stream = self.tracker.rooms.get(Room(env.target))
+        if stream is None:
+            return False
+        steps = self.tracker._offer(stream, env)
+        if steps:
+            self._emit(stream.room, steps)
+        if stream.held and stream.timer is None and not stream.reading:
+            self._schedule(stream, 0.0 if len(stream.held) > self.tracker.hold_max
+                           else self.grace)
+        elif len(stream.held) > self.tracker.hold_max and stream.timer is not None:
+            stream.timer.cancel()
+            self._schedule(stream, 0.0)
+        return True
+
+    def resumed(self, rooms: Iterable[Room]) -> None:
+        """These rooms' subscriptions came back after a gap: read what was missed now."""
+        for room in rooms:
+            stream = self.tracker.rooms.get(room)
+            if stream is None or not stream.started or stream.epoch is None:
+                continue
+            if stream.timer is not None:
+                stream.timer.cancel()
+                stream.timer = None
+            self._schedule(stream, 0.0, force=True)
+
+    def _after(self, stream: RoomStream, steps: list[Step]) -> None:
+        if steps:
+            self._emit(stream.room, steps)
+        if stream.held and stream.timer is None and not stream.reading:
+            self._schedule(stream, self.grace)
+
+    def _schedule(self, stream: RoomStream, delay: float, *, force: bool = False) -> None:
+        if stream.reading:
+            if force:
+                stream.failures = -1  # read again once the current read is done
+            return
+        loop = asyncio.get_running_loop()
+        stream.timer = loop.call_later(delay, self._begin, stream)
+
+    def _begin(self, stream: RoomStream) -> None:
+        stream.timer = None
+        if self.tracker.rooms.get(stream.room) is not stream or stream.epoch is None:
+            return
+        stream.reading = True
+        task = asyncio.get_running_loop().create_task(self._fill(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fill(self, stream: RoomStream) -> None:
+        since = stream.offset
+        again = False
+        try:
+            page = await self._read(stream.room, stream.history, since, self._limit)
+        except BrokerError as exc:
+            stream.failures = max(stream.failures, 0) + 1
+            log.warning("could not read the history of room %r to fill a gap (attempt %d): "
+                        "%s", stream.room, stream.failures, exc)
+            if self.tracker.rooms.get(stream.room) is stream and \
+                    len(stream.held) > 2 * self.tracker.hold_max:
+                self._count(self.tracker.give_up(stream, UNAVAILABLE), False, stream)
+            stream.reading = False
+            if stream.held and self.tracker.rooms.get(stream.room) is stream:
+                delay = min(self.grace * 2 ** min(stream.failures, 16), RETRY_MAX)
+                self._schedule(stream, delay)
+            return
+        except Exception:
+            stream.reading = False
+            log.exception("reading the history of room %r failed", stream.room)
+            return
+        again = stream.failures < 0
+        stream.failures = 0
+        stream.reading = False
+        if self.tracker.rooms.get(stream.room) is not stream:
+            return
+        steps, filled = self.tracker.fill(stream, page, since)
+        self._count(steps, filled, stream)
+        if again:
+            self._schedule(stream, 0.0)
+        elif stream.held:
+            self._schedule(stream, self.grace)
+
+    def _count(self, steps: list[Step], filled: bool, stream: RoomStream) -> None:
+        if filled:
+            self._stats.catchup_gaps_filled += 1
+        if steps:
+            self._emit(stream.room, steps)
+
+    def _cancel(self, stream: RoomStream) -> None:
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+
+    async def close_all(self) -> None:
+        """Cancel every pending read (the hub is closing)."""
+        for stream in self.tracker.rooms.values():
+            self._cancel(stream)
+        self.tracker.rooms.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)

@@ -1,0 +1,159 @@
+"""node/recovery.py without I/O: the stream tracker and a joining member, with plain values."""
+
+from __future__ import annotations
+
+from roomcast.node.recovery import LOST, MESSAGE, Lost, PendingJoin, RoomStream, Step, StreamTracker
+from roomcast.shared.envelope import Envelope, Kind
+from roomcast.shared.frames import PreparedMessage
+from roomcast.shared.history import History, HistoryPage, Position
+from roomcast.shared.ids import Room
+
+ROOM = Room("r")
+H = History(size=100, ttl=60)
+
+
+def env(offset: int, epoch: str = "e1") -> Envelope:
+    return Envelope(Kind.ROOM, ROOM, f"m{offset}".encode(), False, epoch=epoch, offset=offset)
+
+
+def page(top: int, offsets: list[int], epoch: str = "e1", since: int = 0,
+         more: bool = False) -> HistoryPage:
+    return HistoryPage(ROOM, epoch, top, tuple(env(o, epoch) for o in offsets), since, more)
+
+
+def offsets(steps: list[Step] | None) -> list[object]:
+    assert steps is not None
+    return [s.offset if isinstance(s, Envelope) else (s.position, s.reason) for s in steps]
+
+
+START = Position("e1", 0)
+
+
+def started(position: Position | None = START) -> tuple[StreamTracker, RoomStream]:
+    tracker = StreamTracker(hold_max=10)
+    stream = tracker.open(ROOM, H)
+    assert tracker.start(stream, position) == []
+    return tracker, stream
+
+
+def test_in_order_duplicates_and_untracked_rooms() -> None:
+    """The next offset is delivered, a passed one dropped, another room's is None."""
+    tracker, _ = started()
+    assert offsets(tracker.offer(env(1))) == [1]
+    assert offsets(tracker.offer(env(2))) == [2]
+    assert offsets(tracker.offer(env(2))) == []
+    assert offsets(tracker.offer(env(1))) == []
+    other = Envelope(Kind.ROOM, "other", b"x", False, epoch="e1", offset=1)
+    assert tracker.offer(other) is None
+
+
+def test_gap_is_held_then_drained_in_order() -> None:
+    """Later offsets wait for the missing one, then all go in order."""
+    tracker, stream = started()
+    assert offsets(tracker.offer(env(3))) == []
+    assert offsets(tracker.offer(env(2))) == []
+    assert stream.held
+    assert offsets(tracker.offer(env(1))) == [1, 2, 3]
+    assert offsets(tracker.offer(env(4))) == [4]
+
+
+def test_epoch_change_is_lost_then_continues_and_old_epoch_is_dropped() -> None:
+    """Another epoch: Lost(new epoch, offset-1, 'epoch'), the envelope, and late
+    envelopes of the left epoch are dropped."""
+    tracker, _ = started(Position("e1", 5))
+    tracker.offer(env(7))  # held, then discarded with its epoch
+    assert offsets(tracker.offer(env(3, "e2"))) == [(Position("e2", 2), "epoch"), 3]
+    assert offsets(tracker.offer(env(6, "e1"))) == []
+    assert offsets(tracker.offer(env(4, "e2"))) == [4]
+
+
+def test_envelopes_before_start_wait_for_the_first_position() -> None:
+    """Before the first read gave a position, envelopes wait; start delivers those after
+    it; a failed first read (None) takes the first envelope as the position."""
+    tracker = StreamTracker()
+    stream = tracker.open(ROOM, H)
+    assert offsets(tracker.offer(env(4))) == []
+    assert offsets(tracker.offer(env(5))) == []
+    assert offsets(tracker.start(stream, Position("e1", 4))) == [5]
+    blind = StreamTracker()
+    bstream = blind.open(ROOM, H)
+    assert blind.start(bstream, None) == []
+    assert offsets(blind.offer(env(9))) == [9]
+    assert offsets(blind.offer(env(10))) == [10]
+
+
+def test_fill_delivers_the_gap_and_says_it_filled_it() -> None:
+    """A read holding the missing offsets delivers them, then the held ones."""
+    tracker, stream = started(Position("e1", 2))
+    tracker.offer(env(5))
+    steps, filled = tracker.fill(stream, page(5, [3, 4, 5], since=2), 2)
+    assert offsets(steps) == [3, 4, 5] and filled
+    steps, filled = tracker.fill(stream, page(5, [], since=5), 5)
+    assert steps == [] and not filled
+
+
+def test_fill_past_the_window_reports_lost_then_goes_on() -> None:
+    """A read that starts later than needed: Lost(window) at the first it has."""
+    tracker, stream = started(Position("e1", 2))
+    tracker.offer(env(7))
+    steps, filled = tracker.fill(stream, page(7, [5, 6, 7], since=2), 2)
+    assert offsets(steps) == [(Position("e1", 4), "window"), 5, 6, 7]
+    assert not filled
+
+
+def test_fill_past_the_limit_and_with_another_epoch() -> None:
+    """A page that is cut by the read limit: Lost(limit); a page of another epoch:
+    Lost(epoch) at its top."""
+    tracker, stream = started(Position("e1", 0))
+    steps, _ = tracker.fill(stream, page(9, [8, 9], since=0, more=True), 0)
+    assert offsets(steps) == [(Position("e1", 7), "limit"), 8, 9]
+    steps, _ = tracker.fill(stream, page(3, [1, 2, 3], epoch="e2", since=9), 9)
+    assert offsets(steps) == [(Position("e2", 3), "epoch")]
+    assert offsets(tracker.offer(env(4, "e2"))) == [4]
+
+
+def test_give_up_skips_to_the_first_held() -> None:
+    """When the history cannot be read, the held envelopes go after a Lost."""
+    tracker, stream = started(Position("e1", 1))
+    tracker.offer(env(4))
+    tracker.offer(env(5))
+    assert offsets(tracker.give_up(stream, "unavailable")) == [
+        (Position("e1", 3), "unavailable"), 4, 5]
+
+
+def frame(name: str) -> PreparedMessage:
+    return PreparedMessage(name.encode(), binary=False)
+
+
+def test_pending_join_queues_then_passes_only_what_follows_its_position() -> None:
+    """While reading everything waits; after joined only later offsets of its epoch go,
+    messages without a position always go, excluded ones advance without a frame."""
+    join = PendingJoin()
+    f3, f4, f5, free = frame("3"), frame("4"), frame("5"), frame("free")
+    assert join.offer((MESSAGE, "e1", 3, f3)) is None
+    assert join.offer((MESSAGE, None, 0, free)) is None
+    assert join.offer((MESSAGE, "e1", 4, f4)) is None
+    assert join.joined(Position("e1", 3)) == [free, f4]
+    assert join.offer((MESSAGE, "e1", 4, f4)) is None
+    assert join.offer((MESSAGE, "e1", 5, None)) is None  # excluded, but passed
+    assert (join.epoch, join.offset) == ("e1", 5)
+    lost_old = frame("lost-old")
+    assert join.offer((LOST, "e1", 5, lost_old)) is None
+    lost_new = frame("lost-new")
+    assert join.offer((LOST, "e2", 0, lost_new)) is lost_new
+    assert join.offer((MESSAGE, "e1", 9, f5)) is None
+    assert join.offer((MESSAGE, "e2", 1, f5)) is f5
+
+
+def test_pending_join_catches_up_with_the_stream() -> None:
+    """A joining member is caught up once at the stream's position (or the room is gone)."""
+    tracker, stream = started(Position("e1", 4))
+    join = PendingJoin()
+    assert not join.caught_up(stream)
+    join.joined(Position("e1", 6))
+    assert not join.caught_up(stream)
+    tracker.offer(env(5))
+    tracker.offer(env(6))
+    assert join.caught_up(stream)
+    assert join.caught_up(None)
+    assert Lost(Position("e1", 1), "window").reason == "window"
