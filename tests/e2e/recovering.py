@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import aiohttp
 
 from roomcast.broker.publisher import Publisher
 from roomcast.node.client import (
@@ -42,6 +45,18 @@ def recovering_client(url: str, positions: dict[str, tuple[str, int]] | None = N
     """A client that reconnects fast (the tests wait for the reconnects, bounded)."""
     return Client(url, positions=positions, initial_delay=0.05, max_delay=0.5,
                   going_away_delay=0.1, connect_timeout=15.0)
+
+
+async def counter(base_url: str, name: str, **labels: str) -> float:
+    """One sample of a node's /metrics (``name`` with exactly ``labels``; 0 if absent)."""
+    async with aiohttp.ClientSession() as http, http.get(base_url + "/metrics") as resp:
+        text = await resp.text()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.compile(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", re.M)
+    for found in pattern.finditer(text):
+        if (found.group(1) or "") == want:
+            return float(found.group(2))
+    return 0.0
 
 
 def parse(data: str | bytes, tag: str) -> int | None:
