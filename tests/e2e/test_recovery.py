@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
 import pytest
 from redis.crc import key_slot
 
 from roomcast.broker.publisher import Publisher
+from roomcast.node.client import Position
 from tests.e2e.haproxy import HAProxy
 from tests.e2e.procs import NodeProcess
 from tests.e2e.recovering import (
@@ -86,6 +87,10 @@ async def node_id(node: NodeProcess) -> str:
     """The id a node announces (X-Roomcast-Node), asked directly, not through haproxy."""
     async with aiohttp.ClientSession() as http, http.get(node.url + "/metrics") as resp:
         return resp.headers["X-Roomcast-Node"]
+
+
+def at_position(member: Member, room: str, position: Position) -> Callable[[], bool]:
+    return lambda: member.client.positions.get(room) == position
 
 
 def describe(nodes_: list[NodeProcess]) -> str:
@@ -286,8 +291,11 @@ async def test_cluster_master_failover_during_a_burst() -> None:
             epochs = [burst.positions[n].epoch for n in range(1, count + 1)]
             first_new = next((n for n in range(1, count + 1)
                               if burst.positions[n].epoch != epochs[0]), None)
+            last = burst.positions[count]
             for member in members:
-                await member.wait_for_number("c", count, timeout=90)
+                # at the last position: by the last message, or by a lost frame past it
+                await member.wait(at_position(member, room, last), timeout=90,
+                                  what=f"{member.name} at {last}")
                 got = member.numbers("c")
                 assert member.client.duplicates == 0
                 assert len(got) == len(set(got)), f"{member.name} got a message twice"
