@@ -613,13 +613,13 @@ class Hub:
         """
         name = validate_room(room)
         prepared = PreparedMessage.of(data)
-        self.stats.broadcasts += 1
         history = self.history_for(name)
+        if idempotency_key is not None and history is None:
+            validate_idempotency_key(idempotency_key)
+            raise ValueError(f"room {name!r} has no history, so an idempotency key cannot "
+                             "be honoured; give the room a History (HubConfig.history)")
+        self.stats.broadcasts += 1
         if history is None:
-            if idempotency_key is not None:
-                validate_idempotency_key(idempotency_key)
-                raise ValueError(f"room {name!r} has no history, so an idempotency key "
-                                 "cannot be honoured; give the room a History")
             self._deliver_room(name, prepared, exclude, None)
             if self.broker.has_peers:
                 await self.broker.publish(
@@ -729,15 +729,19 @@ class Hub:
                       exclude)
 
     def _deliver_room(
-        self, name: Room, prepared: PreparedMessage, exclude: str | None,
+        self, name: Room, prepared: PreparedMessage | Envelope, exclude: str | None,
         position: Position | tuple[str, int] | None,
     ) -> None:
-        """A room message to the room's local members: the plain ones get ``prepared``,
-        the v1 ones one frame with the room (and ``position``), framed once for all;
-        members still joining get it through their ``PendingJoin``."""
+        """A room message to the room's local members: the plain ones get it as it is,
+        the v1 ones one frame with the room (and ``position``), each framed once for all;
+        members still joining get it through their ``PendingJoin``. ``prepared`` may be
+        the envelope itself: its plain frame is then made only if a plain member needs it.
+        """
         rooms = self._rooms
         plain = rooms.plain(name)
         if plain:
+            if isinstance(prepared, Envelope):
+                prepared = PreparedMessage(prepared.payload, binary=prepared.binary)
             self._deliver(plain.values(), prepared, exclude)
         framed = rooms.framed(name)
         pending = self._pending.get(name)
@@ -785,8 +789,7 @@ class Hub:
                     self._offer_pending(name, pending, None, (
                         LOST, step.position.epoch, step.position.offset, frame))
             else:
-                self._deliver_room(name, PreparedMessage(step.payload, binary=step.binary),
-                                   step.exclude or None, (step.epoch, step.offset))
+                self._deliver_room(name, step, step.exclude or None, (step.epoch, step.offset))
         pending = self._pending.get(name)
         if pending:
             stream = self._catchup.stream(name)
@@ -810,14 +813,15 @@ class Hub:
         Positioned room envelopes (rooms with history, this node's own included) go
         through the stream tracker; other envelopes of this node are ignored.
         """
-        if env.kind is Kind.ROOM and env.offset:
-            if self._catchup.offer(env) or env.origin == self.node_id:
-                return
-        elif env.origin == self.node_id:
+        if env.origin == self.node_id:
+            if env.kind is Kind.ROOM and env.offset:
+                self._catchup.offer(env)  # the echo of our own publish: in stream order
             return
         self.stats.envelopes_received += 1
         if self.on_envelope_latency is not None and env.sent_at:
             self.on_envelope_latency(max(0.0, time.time() - env.sent_at))
+        if env.kind is Kind.ROOM and env.offset and self._catchup.offer(env):
+            return
         prepared = PreparedMessage(env.payload, binary=env.binary)
         exclude = env.exclude or None
         if env.kind is Kind.ROOM:

@@ -63,7 +63,7 @@ class RoomStream:
     """One local room's place in its stream (see ``StreamTracker``)."""
 
     __slots__ = ("early", "epoch", "failures", "held", "history", "offset", "reading",
-                 "retired", "room", "started", "timer")
+                 "recheck", "retired", "room", "started", "timer")
 
     def __init__(self, room: Room, history: History) -> None:
         self.room = room
@@ -81,6 +81,8 @@ class RoomStream:
         self.retired: list[str] = []
         """Epochs this room left: their late envelopes are dropped."""
         self.reading = False
+        self.recheck = False
+        """Read the history once started: the subscription came back before that."""
         self.timer: asyncio.TimerHandle | None = None
         self.failures = 0
 
@@ -316,6 +318,9 @@ class Catchup:
         """First position of a room (from a join's read): deliver what waited for it."""
         steps = self.tracker.start(stream, position)
         self._after(stream, steps)
+        if stream.recheck and stream.epoch is not None and stream.timer is None:
+            stream.recheck = False
+            self._schedule(stream, 0.0, force=True)
 
     def offer(self, env: Envelope) -> bool:
         """Deliver a positioned room envelope in stream order; False if the room is not
@@ -338,7 +343,10 @@ class Catchup:
         """These rooms' subscriptions came back after a gap: read what was missed now."""
         for room in rooms:
             stream = self.tracker.rooms.get(room)
-            if stream is None or not stream.started or stream.epoch is None:
+            if stream is None:
+                continue
+            if not stream.started or stream.epoch is None:
+                stream.recheck = True  # its first read may predate the gap
                 continue
             if stream.timer is not None:
                 stream.timer.cancel()

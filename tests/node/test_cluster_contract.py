@@ -3,23 +3,28 @@
 Three hubs, each served on its own real socket, share one broker medium: a MemoryBus
 (in-process), a real redis-server started for the test, or a real 3-master Redis Cluster
 (one per module, a fresh prefix per test). The same test bodies run on all of them, so
-the in-process broker and the Redis brokers promise the same behaviour.
+the in-process broker and the Redis brokers promise the same behaviour. The last cases
+run with rooms with history and roomcast.v1 members (positions, recovery, idempotency).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from roomcast.broker import Broker, MemoryBroker, MemoryBus
-from roomcast.node import Connection, EventHandler, Hub, Message
+from roomcast.node import Connection, EventHandler, Hub, HubConfig, Message
+from roomcast.shared.history import History, HistoryPolicy
 from tests.redis_cluster import LocalRedisCluster
 from tests.redis_server import RedisServer
 
@@ -49,8 +54,9 @@ class Cluster:
     """N hubs on one broker medium, with helpers to connect members."""
 
     def __init__(self, make_broker: Callable[[], Broker], serve: Serve,
-                 session: aiohttp.ClientSession) -> None:
+                 session: aiohttp.ClientSession, config: HubConfig | None = None) -> None:
         self.make_broker = make_broker
+        self.config = config
         self.serve = serve
         self.session = session
         self.hubs: list[Hub] = []
@@ -58,9 +64,27 @@ class Cluster:
         self.opened: dict[Hub, asyncio.Queue[Connection]] = {}
         self.received: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.closed: asyncio.Queue[str] = asyncio.Queue()
+        self.servers: list[RedisServer] = []
+        """The Redis servers of the medium (none for memory)."""
+
+    def cut_links(self) -> None:
+        """Drop every node's subscription link, as ``CLIENT KILL TYPE pubsub`` does (the
+        Redis brokers reconnect on their own; memory ones wait for ``heal_links``)."""
+        for server in self.servers:
+            with server.client() as client:
+                client.client_kill_filter(_type="pubsub")
+        for hub in self.hubs:
+            if isinstance(hub.broker, MemoryBroker):
+                hub.broker.lose_link()
+
+    def heal_links(self) -> None:
+        """Memory brokers get their links back (and report their rooms resumed)."""
+        for hub in self.hubs:
+            if isinstance(hub.broker, MemoryBroker):
+                hub.broker.restore_link()
 
     async def add_node(self) -> Hub:
-        hub = Hub(broker=self.make_broker())
+        hub = Hub(self.config, broker=self.make_broker())
         queue: asyncio.Queue[Connection] = asyncio.Queue()
         self.opened[hub] = queue
 
@@ -103,7 +127,25 @@ def redis_cluster() -> Iterator[LocalRedisCluster]:
 @pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def cluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator[Cluster]:
     """Three nodes sharing the broker named by the parameter."""
+    async with _cluster(request, serve, None) as made:
+        yield made
+
+
+HISTORY = HistoryPolicy(History(size=100, ttl=60), rooms={"short": History(size=2, ttl=60)})
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def hcluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator[Cluster]:
+    """Three nodes with rooms with history, sharing the broker named by the parameter."""
+    async with _cluster(request, serve, HubConfig(history=HISTORY)) as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def _cluster(request: pytest.FixtureRequest, serve: Serve, config: HubConfig | None
+                   ) -> AsyncIterator[Cluster]:
     redis_server: RedisServer | None = None
+    servers: list[RedisServer] = []
     if request.param == "memory":
         bus = MemoryBus()
 
@@ -112,7 +154,9 @@ async def cluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator
     elif request.param == "redis-cluster":
         from roomcast.broker.redis_cluster import RedisClusterBroker
 
-        cluster_url = request.getfixturevalue("redis_cluster").url
+        local: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        cluster_url = local.url
+        servers = list(local.servers)
         prefix = f"contract{next(_prefixes)}"
 
         def make_broker() -> Broker:
@@ -121,6 +165,7 @@ async def cluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator
         from roomcast.broker.redis import RedisBroker
 
         redis_server = RedisServer().start()
+        servers = [redis_server]
         url = redis_server.url
 
         def make_broker() -> Broker:
@@ -128,7 +173,8 @@ async def cluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator
 
     try:
         async with aiohttp.ClientSession() as session:
-            c = Cluster(make_broker, serve, session)
+            c = Cluster(make_broker, serve, session, config)
+            c.servers = servers
             try:
                 for _ in range(3):
                     await c.add_node()
@@ -224,3 +270,141 @@ async def test_messages_from_members_flow_across_nodes(cluster: Cluster) -> None
     assert (conn_id, data) == (a.conn.id, "from a")
     await cluster.hubs[0].broadcast_to_room_except("r", data, conn_id)
     assert await b.recv() == "from a"
+
+
+# -- rooms with history, roomcast.v1 members ---------------------------------------------
+
+
+@dataclass
+class V1Member:
+    """A roomcast.v1 client socket and its connection."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    conn: Connection
+    hub: Hub
+
+    async def frame(self, timeout: float = 10.0) -> Any:
+        msg = await self.ws.receive(timeout=timeout)
+        assert msg.type is aiohttp.WSMsgType.TEXT, msg
+        return json.loads(msg.data)
+
+    async def messages(self, n: int) -> list[tuple[int, str]]:
+        out = []
+        for _ in range(n):
+            frame = await self.frame()
+            assert frame["type"] == "message", frame
+            out.append((frame["offset"], frame["data"]))
+        return out
+
+    async def nothing_more(self) -> None:
+        """No frame is pending (echoes included): a marker sent now is the next frame."""
+        await self.hub.send_to(self.conn.id, "__marker__")
+        assert await self.frame() == {"type": "message", "data": "__marker__"}
+
+
+async def v1_member(cluster: Cluster, node: int, room: str, query: str = "") -> tuple[
+        V1Member, dict[str, Any]]:
+    """A v1 member of ``room`` on ``node``: the member and its joined frame."""
+    hub = cluster.hubs[node]
+    ws = await cluster.session.ws_connect(f"{cluster.urls[node]}?{query}",
+                                          protocols=("roomcast.v1",))
+    conn = await asyncio.wait_for(cluster.opened[hub].get(), 10)
+    member = V1Member(ws, conn, hub)
+    assert (await member.frame())["type"] == "welcome"
+    await hub.join_room(conn, room)
+    joined = await member.frame()
+    assert joined["type"] == "joined" and joined["room"] == room, joined
+    return member, joined
+
+
+async def test_positions_count_up_by_one_across_nodes(hcluster: Cluster) -> None:
+    """Publishes from every node get offsets 1, 2, 3 ... in one epoch, and every node's
+    member sees them in that order, once."""
+    members = [(await v1_member(hcluster, i, "h"))[0] for i in range(3)]
+    positions = [await hcluster.hubs[i % 3].broadcast_to_room("h", f"m{i + 1}")
+                 for i in range(9)]
+    assert [p.offset for p in positions if p is not None] == list(range(1, 10))
+    assert len({p.epoch for p in positions if p is not None}) == 1
+    expected = [(i, f"m{i}") for i in range(1, 10)]
+    for member in members:
+        assert await member.messages(9) == expected
+    await hcluster.hubs[0].broadcast_to_room("h", "last")  # after every echo on the link
+    for member in members:
+        assert await member.messages(1) == [(10, "last")]
+        await member.nothing_more()
+
+
+async def test_recovery_through_another_node_is_exactly_once(hcluster: Cluster) -> None:
+    """A member that left node 0 and declares its position on node 2 gets exactly the
+    messages it missed, in order, then joined (recovered), then live ones."""
+    first, joined = await v1_member(hcluster, 0, "h")
+    epoch = joined["epoch"]
+    await hcluster.hubs[1].broadcast_to_room("h", "seen")
+    assert await first.messages(1) == [(1, "seen")]
+    await first.ws.close()
+    for i in range(2, 5):
+        await hcluster.hubs[i % 3].broadcast_to_room("h", f"missed{i}")
+    declared = quote(json.dumps({"h": [epoch, 1]}), safe="")
+    back = await hcluster.session.ws_connect(
+        f"{hcluster.urls[2]}?roomcast.since={declared}", protocols=("roomcast.v1",))
+    conn = await asyncio.wait_for(hcluster.opened[hcluster.hubs[2]].get(), 10)
+    member = V1Member(back, conn, hcluster.hubs[2])
+    assert (await member.frame())["type"] == "welcome"
+    await hcluster.hubs[2].join_room(conn, "h")
+    assert await member.messages(3) == [(2, "missed2"), (3, "missed3"), (4, "missed4")]
+    assert await member.frame() == {"type": "joined", "room": "h", "epoch": epoch,
+                                    "offset": 4, "recovered": True, "replayed": 3}
+    await hcluster.hubs[0].broadcast_to_room("h", "live")
+    assert await member.messages(1) == [(5, "live")]
+    await member.nothing_more()
+    assert hcluster.hubs[2].stats.recoveries == 1
+
+
+async def test_recovery_past_the_window_is_refused(hcluster: Cluster) -> None:
+    """A position older than the room's history window: recovered false, reason window."""
+    _, joined = await v1_member(hcluster, 0, "short")
+    for i in range(5):
+        await hcluster.hubs[1].broadcast_to_room("short", f"m{i}")
+    declared = quote(json.dumps({"short": [joined["epoch"], 1]}), safe="")
+    member, again = await v1_member(hcluster, 2, "short", f"roomcast.since={declared}")
+    assert again == {"type": "joined", "room": "short", "epoch": joined["epoch"],
+                     "offset": 5, "recovered": False, "reason": "window", "replayed": 0}
+    await member.nothing_more()
+
+
+async def test_idempotent_publish_is_stored_once(hcluster: Cluster) -> None:
+    """The same idempotency key from two nodes: one position, one stored message, one
+    delivery to each member."""
+    members = [(await v1_member(hcluster, i, "h"))[0] for i in range(2)]
+    first = await hcluster.hubs[0].broadcast_to_room("h", "pay", idempotency_key="order-7")
+    retry = await hcluster.hubs[1].broadcast_to_room("h", "pay", idempotency_key="order-7")
+    assert first == retry and first is not None and first.offset == 1
+    page = await hcluster.hubs[2].room_history("h")
+    assert [(e.offset, e.payload) for e in page.envelopes] == [(1, b"pay")]
+    await hcluster.hubs[2].broadcast_to_room("h", "next")
+    for member in members:
+        assert await member.messages(2) == [(1, "pay"), (2, "next")]
+        await member.nothing_more()
+
+
+async def test_every_member_gets_every_message_once_across_a_lost_link(
+        hcluster: Cluster) -> None:
+    """Subscription links dropped during a publish burst: once they are back, each node
+    reads what it missed, and every member gets every message exactly once, in order."""
+    members = [(await v1_member(hcluster, i, "h"))[0] for i in range(3)]
+    total = 60
+    for i in range(1, total + 1):
+        await hcluster.hubs[i % 2].broadcast_to_room("h", f"m{i}")
+        if i == 20:
+            hcluster.cut_links()
+        elif i == 40:
+            hcluster.heal_links()
+    expected = [(i, f"m{i}") for i in range(1, total + 1)]
+    for member in members:
+        assert await member.messages(total) == expected
+    await hcluster.hubs[2].broadcast_to_room("h", "after")
+    for member in members:
+        assert await member.messages(1) == [(total + 1, "after")]
+        await member.nothing_more()
+    assert sum(hub.stats.catchup_gaps_lost for hub in hcluster.hubs) == 0
+    assert all(hub.broker.stats.resumed_rooms >= 1 for hub in hcluster.hubs)

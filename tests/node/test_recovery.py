@@ -1,9 +1,24 @@
-"""node/recovery.py without I/O: the stream tracker and a joining member, with plain values."""
+"""node/recovery.py: the stream tracker and a joining member with plain values, and the
+catch-up driver on the event loop with a fake history read."""
 
 from __future__ import annotations
 
-from roomcast.node.recovery import LOST, MESSAGE, Lost, PendingJoin, RoomStream, Step, StreamTracker
+import asyncio
+from collections.abc import Callable
+
+from roomcast.node.recovery import (
+    LOST,
+    MESSAGE,
+    Catchup,
+    Lost,
+    PendingJoin,
+    RoomStream,
+    Step,
+    StreamTracker,
+)
+from roomcast.node.stats import HubStats
 from roomcast.shared.envelope import Envelope, Kind
+from roomcast.shared.errors import BrokerError
 from roomcast.shared.frames import PreparedMessage
 from roomcast.shared.history import History, HistoryPage, Position
 from roomcast.shared.ids import Room
@@ -157,3 +172,101 @@ def test_pending_join_catches_up_with_the_stream() -> None:
     assert join.caught_up(stream)
     assert join.caught_up(None)
     assert Lost(Position("e1", 1), "window").reason == "window"
+
+
+# -- Catchup on the event loop, with a fake history read --------------------------------
+
+
+class FakeHistory:
+    """Answers reads from a list of envelopes; can fail or hold reads."""
+
+    def __init__(self) -> None:
+        self.top = 0
+        self.envelopes: list[Envelope] = []
+        self.fail = False
+        self.reads: list[int] = []
+        self.gate: asyncio.Event | None = None
+        self.changed = asyncio.Event()
+        """Set at every read and every emit (what wait_until waits on)."""
+
+    def emit(self, into: list[Step]) -> Callable[[Room, list[Step]], None]:
+        def emit(room: Room, steps: list[Step]) -> None:
+            into.extend(steps)
+            self.changed.set()
+        return emit
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def read(self, room: Room, history: History, since: int, limit: int) -> HistoryPage:
+        self.reads.append(since)
+        self.changed.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise BrokerError("redis is down (test)")
+        after = [e for e in self.envelopes if e.offset > since]
+        return HistoryPage(room, "e1", self.top, tuple(after[-limit:]), since,
+                           len(after) > limit)
+
+
+def catchup(fake: FakeHistory, emitted: list[Step], stats: HubStats, *, hold_max: int = 10
+            ) -> tuple[Catchup, RoomStream]:
+    c = Catchup(fake.read, fake.emit(emitted), stats, limit=100, grace=0.01,
+                hold_max=hold_max)
+    stream = c.open(ROOM, H)
+    c.start(stream, Position("e1", 0))
+    return c, stream
+
+
+async def test_catchup_reads_a_gap_after_the_grace() -> None:
+    """A held gap is read from the history and delivered in order; counted as filled."""
+    fake, stats = FakeHistory(), HubStats()
+    emitted: list[Step] = []
+    c, _ = catchup(fake, emitted, stats)
+    fake.envelopes = [env(1), env(2), env(3)]
+    fake.top = 3
+    assert c.offer(env(3))
+    await fake.wait_until(lambda: len(emitted) == 3)
+    assert offsets(emitted) == [1, 2, 3]
+    assert fake.reads == [0] and stats.catchup_gaps_filled == 1
+    await c.close_all()
+
+
+async def test_catchup_gives_up_a_gap_it_cannot_read() -> None:
+    """Reads that keep failing are retried; once the hold is far past its bound the
+    gap is reported lost (unavailable) and the held envelopes go on."""
+    fake, stats = FakeHistory(), HubStats()
+    emitted: list[Step] = []
+    fake.fail = True
+    c, _ = catchup(fake, emitted, stats, hold_max=2)
+    for offset in range(3, 9):
+        c.offer(env(offset))
+    await fake.wait_until(lambda: bool(emitted))
+    assert offsets(emitted) == [(Position("e1", 2), "unavailable"), 3, 4, 5, 6, 7, 8]
+    await c.close_all()
+
+
+async def test_resumed_during_a_read_reads_again_and_before_start_reads_at_start() -> None:
+    """A resumed report while a read is under way is not lost: another read follows; a
+    report before the room's first position makes the start read the history."""
+    fake, stats = FakeHistory(), HubStats()
+    emitted: list[Step] = []
+    c, _ = catchup(fake, emitted, stats)
+    fake.gate = asyncio.Event()
+    c.resumed([ROOM])
+    await fake.wait_until(lambda: len(fake.reads) == 1)
+    c.resumed([ROOM])
+    fake.gate.set()
+    await fake.wait_until(lambda: len(fake.reads) == 2)
+    other = Catchup(fake.read, fake.emit([]), stats, limit=100, grace=0.01)
+    stream = other.open(ROOM, H)
+    other.resumed([ROOM])
+    assert stream.recheck
+    other.start(stream, Position("e1", 0))
+    await fake.wait_until(lambda: len(fake.reads) == 3)
+    await c.close_all()
+    await other.close_all()
