@@ -9,8 +9,14 @@ Content-Type, sends text, ``application/octet-stream`` sends binary. Every reply
     POST /api/broadcast[?exclude=ID]               broadcast             202
     GET  /api/rooms/{room}                         room_members          200
 
-Refusals: 400 bad room, id or body; 401 no or wrong key; 413 body over
-``max_message_size``; 415 other media types or content codings; 503 the broker failed.
+In a room with history the 202 body also carries the message's position (``room``,
+``epoch``, ``offset``), and an ``Idempotency-Key`` header makes a retry safe: a retried
+request with the same key within max(history ttl, 5 minutes) gets the first request's
+position and is neither stored nor delivered again.
+
+Refusals: 400 bad room, id, body or idempotency key (or a key for a room without
+history); 401 no or wrong key; 413 body over ``max_message_size``; 415 other media types
+or content codings; 503 the broker failed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from aiohttp import hdrs, web
 from roomcast.node._aiohttp import default_expect_handler
 from roomcast.node.hub import Data, Hub
 from roomcast.shared.errors import BrokerError
+from roomcast.shared.history import Position, validate_idempotency_key
 from roomcast.shared.ids import Room, node_of, validate_room
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,6 +38,8 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _UTF8: Final = frozenset({"utf-8", "utf8"})
 _BINARY_TYPE: Final = "application/octet-stream"
 _CHALLENGE: Final = 'Bearer realm="roomcast"'
+IDEMPOTENCY_KEY: Final = "Idempotency-Key"
+"""The request header that makes a room publish safe to retry (rooms with history)."""
 
 
 class _Refusal(Exception):
@@ -106,12 +115,15 @@ class _Api:
         """Broadcast the body to a room on every node."""
         room = _room(request)
         exclude = _exclude(request)
+        key = self._idempotency_key(request, room)
         data = await self._read_message(request)
+        history = self._hub.history_for(room) is not None
         try:
-            await self._hub.broadcast_to_room(room, data, exclude=exclude)
+            position = await self._hub.broadcast_to_room(room, data, exclude=exclude,
+                                                         idempotency_key=key)
         except BrokerError as exc:
-            raise _not_published(exc) from exc
-        return _accepted()
+            raise _not_published(exc, history=history) from exc
+        return _accepted(room, position)
 
     async def post_connection(self, request: web.Request) -> web.StreamResponse:
         """Send the body to one connection, on whichever node holds it."""
@@ -150,6 +162,25 @@ class _Api:
             raise _Refusal(503, f"cluster membership is unavailable: {exc}") from exc
         return web.json_response({"room": room, "size": len(members),
                                   "members": sorted(members)})
+
+    def _idempotency_key(self, request: web.Request, room: Room) -> str | None:
+        """The ``Idempotency-Key`` header, if any; 400 if malformed, repeated, or given
+        for a room that keeps no history (nothing would remember the key)."""
+        values = request.headers.getall(IDEMPOTENCY_KEY, [])
+        if not values:
+            return None
+        if len(values) > 1:
+            raise _Refusal(400, f"{IDEMPOTENCY_KEY}: give the header once")
+        try:
+            key = validate_idempotency_key(values[0])
+        except ValueError as exc:
+            raise _Refusal(400, f"{IDEMPOTENCY_KEY}: {exc}") from None
+        if self._hub.history_for(room) is None:
+            raise _Refusal(
+                400, f"{IDEMPOTENCY_KEY}: room {room!r} keeps no history, so a retry "
+                "cannot be recognised; idempotency keys need a room with history "
+                "(--history-size above 0, and the room not excluded by the policy)")
+        return key
 
     def _authorize(self, request: web.Request) -> None:
         """Refuse with 401 unless the request carries the bearer key."""
@@ -231,13 +262,22 @@ def _exclude(request: web.Request) -> str | None:
     return values[0]
 
 
-def _not_published(exc: BrokerError) -> _Refusal:
-    """503 for a broadcast whose local members were served but other nodes were not."""
+def _not_published(exc: BrokerError, *, history: bool = False) -> _Refusal:
+    """503 for a broadcast whose local members were served but other nodes were not
+    (``history``: in a room with history, which may not have stored the message)."""
     return _Refusal(
-        503, f"delivered to members on this node only; other nodes were not reached ({exc})"
+        503, "delivered to members on this node only; other nodes were not reached"
+        + (" and the message may not be in the room's history: retry with the same "
+           f"{IDEMPOTENCY_KEY} to store it once (members of this node may see it twice)"
+           if history else "")
+        + f" ({exc})"
     )
 
 
-def _accepted() -> web.Response:
-    """202: the hub took the message (delivery across nodes is at most once)."""
-    return web.json_response({"status": "accepted"}, status=202)
+def _accepted(room: Room | None = None, position: Position | None = None) -> web.Response:
+    """202: the hub took the message; in a room with history, where it stands in it
+    (recoverable), else delivery across nodes is at most once."""
+    body: dict[str, str | int] = {"status": "accepted"}
+    if room is not None and position is not None:
+        body.update(room=room, epoch=position.epoch, offset=position.offset)
+    return web.json_response(body, status=202)

@@ -6,6 +6,10 @@ Routes: ``GET /`` the chat page, ``GET /chat?room=NAME&name=NAME`` the chat sock
 cluster-wide count is unknown); what members send is broadcast to the room as it came,
 sender included. A member whose message could not reach other nodes is told so with
 ``{"type": "error", "text": ...}``.
+
+A ``roomcast.v1`` client (docs/protocol.md) joining a room with history first gets the
+room's last ``CHAT_REPLAY`` messages, or, reconnecting with the positions it saw, exactly
+what it missed; raw clients get live messages only, as before.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from roomcast.shared.ids import validate_room
 
 DEFAULT_ROOM: Final = "general"
 MAX_NAME_LENGTH: Final = 40
+CHAT_REPLAY: Final = 50
+"""Recent messages of its room a v1 chat client that declared no position gets on join."""
 
 
 def _room_of(conn: Connection) -> str:
@@ -81,7 +87,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.Response(status=400, text=f"bad room: {exc}\n")
     name = request.query.get("name", "").strip()[:MAX_NAME_LENGTH] or "anonymous"
     return await get_hub(request).upgrade(
-        request, CHAT, rooms=[room], metadata={"room": room, "name": name}
+        request, CHAT, rooms=[room], metadata={"room": room, "name": name},
+        replay=CHAT_REPLAY,
     )
 
 

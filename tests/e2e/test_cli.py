@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 import websockets
 
+from roomcast.node.client import Client, Joined, Position
 from tests.e2e.procs import REPO, NodeProcess
 
 
@@ -154,3 +156,54 @@ def test_auto_loop_is_uvloop_when_installed_else_asyncio(
         assert "event loop: uvloop" in node.log(), node.log()
     with NodeProcess(env=without_uvloop) as node:
         assert "event loop: asyncio" in node.log(), node.log()
+
+
+async def _metric(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert match is not None, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+async def test_history_flags_reach_the_node() -> None:
+    """--history-size/--history-ttl/--recovery-max configure the running node: /metrics
+    shows them, a roomcast.v1 chat client gets positions and recovers what it missed."""
+    with NodeProcess("--history-size", "7", "--history-ttl", "90",
+                     "--recovery-max", "3") as node:
+        assert await _metric(node.url, "roomcast_history_size") == 7
+        assert await _metric(node.url, "roomcast_history_ttl_seconds") == 90
+        assert await _metric(node.url, "roomcast_recovery_max") == 3
+        chat = node.ws_url + "/chat?room=lobby&name="
+        async with Client(chat + "ann") as ann:
+            joined = await ann.wait_for(Joined, room="lobby")
+            assert joined.position is not None and joined.recovered is None
+            start = joined.position
+            own = await ann.next_message()  # her join notice, the room's first message
+            assert own.position == Position(start.epoch, start.offset + 1)
+            async with websockets.connect(chat + "bob") as bob:  # raw: no positions
+                await bob.send("one")
+                await bob.send("two")
+                seen = {}
+                while "two" not in seen:
+                    message = await ann.next_message()
+                    seen[message.data] = message.position
+                # one message after "one": recovered
+                async with Client(chat + "cy", positions={"lobby": tuple(seen["one"])}) as cy:
+                    joined = await cy.wait_for(Joined, room="lobby")
+                    assert (joined.recovered, joined.replayed) == (True, 1), joined
+                    assert joined.position == seen["two"]
+                # four or more after the room's start: past --recovery-max 3
+                async with Client(chat + "di", positions={"lobby": tuple(start)}) as di:
+                    joined = await di.wait_for(Joined, room="lobby")
+                    assert (joined.recovered, joined.reason) == (False, "limit"), joined
+
+
+async def test_history_size_zero_runs_rooms_without_history() -> None:
+    """--history-size 0: the chat's rooms keep no history; a v1 client gets no positions."""
+    with NodeProcess("--history-size", "0") as node:
+        assert await _metric(node.url, "roomcast_history_size") == 0
+        async with Client(node.ws_url + "/chat?room=lobby&name=ann") as ann:
+            joined = await ann.wait_for(Joined, room="lobby")
+            assert joined.position is None
+            assert (await ann.next_message()).position is None

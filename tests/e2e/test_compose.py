@@ -286,11 +286,15 @@ def test_node_service_reaches_redis_restarts_and_drains(name: str) -> None:
     assert notice >= inter + 0.25 * (2 - 1) + 0.5, (notice, inter)
 
 
-def test_redis_service_keeps_nothing_on_disk() -> None:
+def test_redis_service_keeps_history_in_an_fsynced_append_only_file() -> None:
+    """Rooms have history by default: Redis writes an AOF fsynced on every write (the only
+    setting under which a restart keeps the rooms' epochs), no RDB snapshots."""
     command = SERVICES[_service_by_image("redis:")]["command"]
     assert command[0] == "redis-server"
     assert "--save" in command and command[command.index("--save") + 1] == ""
-    assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "no"
+    assert "--appendonly" in command and command[command.index("--appendonly") + 1] == "yes"
+    assert "--appendfsync" in command
+    assert command[command.index("--appendfsync") + 1] == "always"
 
 
 # -- haproxy service and scripts/haproxy.cfg ---------------------------------------------
@@ -354,11 +358,16 @@ def test_haproxy_stop_grace_outlasts_its_hard_stop() -> None:
     assert grace >= _seconds(match.group(1)) + 2
 
 
-def test_redis_leaves_no_volume_behind() -> None:
-    """The single Redis keeps nothing: /data is a tmpfs, so no anonymous volume is made
-    (the image declares VOLUME /data)."""
-    tmpfs = SERVICES[_service_by_image("redis:")].get("tmpfs")
-    assert tmpfs in ("/data", ["/data"]), tmpfs
+def test_redis_data_is_a_named_volume() -> None:
+    """The AOF in /data (the image's VOLUME) is a named volume of the project: it survives
+    a restarted or recreated container, and ``down -v`` removes it (no anonymous volume
+    is left behind)."""
+    service = SERVICES[_service_by_image("redis:")]
+    assert "tmpfs" not in service
+    mounts = [v.split(":")[:2] if isinstance(v, str) else [v["source"], v["target"]]
+              for v in service["volumes"]]
+    assert len(mounts) == 1 and mounts[0][1] == "/data", mounts
+    assert mounts[0][0] in COMPOSE["volumes"], mounts
 
 
 def test_haproxy_cfg_passes_haproxy_check_with_compose_env() -> None:

@@ -65,14 +65,16 @@ def _create_script() -> str:
     return str(command[2])
 
 
-def test_six_cluster_enabled_redis_without_persistence() -> None:
-    """Six Redis services, each cluster-enabled, nothing on disk, with a healthcheck."""
+def test_six_cluster_enabled_redis_with_an_fsynced_append_only_file() -> None:
+    """Six Redis services, each cluster-enabled, an AOF fsynced on every write (a
+    restarted master keeps its rooms' epochs), no RDB snapshots, with a healthcheck."""
     assert len(REDIS_SERVICES) == 6, REDIS_SERVICES
     for name in REDIS_SERVICES:
         command = SERVICES[name]["command"]
         assert command[command.index("--cluster-enabled") + 1] == "yes"
         assert command[command.index("--save") + 1] == ""
-        assert command[command.index("--appendonly") + 1] == "no"
+        assert command[command.index("--appendonly") + 1] == "yes"
+        assert command[command.index("--appendfsync") + 1] == "always"
         assert "healthcheck" in SERVICES[name]
     # Compose v1 refuses a top-level "name:" (issue 16): the README passes -p instead
     assert "name" not in COMPOSE

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -19,12 +19,15 @@ import pytest
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 
-from roomcast.broker import Broker, MemoryBroker, MemoryBus
+from roomcast.broker import Broker, MemoryBroker, MemoryBus, Publisher, RedisBroker
 from roomcast.node import HUB, Connection, EventHandler, Hub, HubConfig
+from roomcast.node.api import IDEMPOTENCY_KEY
 from roomcast.node.app import NodeOptions, create_app
 from roomcast.shared.envelope import Envelope
 from roomcast.shared.errors import BrokerError, PublishError
+from roomcast.shared.history import History, HistoryPolicy, Position
 from roomcast.shared.ids import ConnectionId, Room
+from tests.redis_server import RedisServer
 
 Serve = Callable[[web.Application], Awaitable[str]]
 
@@ -541,3 +544,213 @@ async def test_unreachable_broker_gives_503_after_local_delivery(
     async with http.get(node.api("/api/rooms/r"), headers=AUTH) as resp:
         assert resp.status == 503
         assert "membership" in (await resp.json())["error"]
+
+
+# -- rooms with history: positions and idempotency keys ---------------------------------
+
+HISTORY: Final = HubConfig(history=HistoryPolicy(History(10, 60), rooms={"plain": None}))
+"""Every room keeps history except ``plain``."""
+
+
+async def test_history_room_publish_answers_its_position(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """In a room with history the 202 body adds room, epoch and offset, counting up by one;
+    the message is in the room's history."""
+    node = await nodes.start(config=HISTORY)
+    member = await node.member("r")
+    status, first, _ = await post(http, node.api("/api/rooms/r/messages"), b"one")
+    assert status == 202
+    assert set(first) == {"status", "room", "epoch", "offset"}
+    assert first["status"] == "accepted" and first["room"] == "r"
+    assert await member.recv() == "one"
+    status, second, _ = await post(http, node.api("/api/rooms/r/messages"), b"two")
+    assert (status, second) == (202, {**first, "offset": first["offset"] + 1})
+    assert await member.recv() == "two"
+    page = await node.hub.room_history(Room("r"), since=0)
+    assert [(e.payload, e.epoch, e.offset) for e in page.envelopes] == [
+        (b"one", first["epoch"], first["offset"]), (b"two", first["epoch"], second["offset"])]
+    await member.nothing_more()
+
+
+async def test_room_without_history_answers_as_before(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """A room the policy leaves without history gets the old 202 body, no position."""
+    node = await nodes.start(config=HISTORY)
+    member = await node.member("plain")
+    status, body, _ = await post(http, node.api("/api/rooms/plain/messages"), b"as before")
+    assert (status, body) == (202, {"status": "accepted"})
+    assert await member.recv() == "as before"
+
+
+async def test_retry_with_the_same_idempotency_key_is_stored_and_delivered_once(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """A retried request with the same Idempotency-Key, on the same node or another one,
+    answers the first position; the message is stored once and every member gets it once.
+    Another key is another message."""
+    bus = MemoryBus()
+    one = await nodes.start(broker=MemoryBroker(bus), config=HISTORY)
+    two = await nodes.start(broker=MemoryBroker(bus), config=HISTORY)
+    a, b = await one.member("r"), await two.member("r")
+    keyed = {**AUTH, IDEMPOTENCY_KEY: "order-42:shipped"}
+    status, first, _ = await post(http, one.api("/api/rooms/r/messages"), b"shipped",
+                                  headers=keyed)
+    assert status == 202
+    assert await a.recv() == "shipped"
+    assert await b.recv() == "shipped"
+    for retry_on in (one, two, one):
+        status, again, _ = await post(http, retry_on.api("/api/rooms/r/messages"),
+                                      b"shipped", headers=keyed)
+        assert (status, again) == (202, first)
+    status, other, _ = await post(http, two.api("/api/rooms/r/messages"), b"delivered",
+                                  headers={**AUTH, IDEMPOTENCY_KEY: "order-42:delivered"})
+    assert (status, other) == (202, {**first, "offset": first["offset"] + 1})
+    assert await a.recv() == "delivered"
+    assert await b.recv() == "delivered"
+    await a.nothing_more()
+    await b.nothing_more()
+    page = await two.hub.room_history(Room("r"), since=0)
+    assert [e.payload for e in page.envelopes] == [b"shipped", b"delivered"]
+    assert one.hub.broker.stats.duplicates + two.hub.broker.stats.duplicates == 3
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("has space", "visible ASCII"),
+        ("k" * 201, "1-200 visible ASCII"),
+        ("tab\there", "visible ASCII"),
+    ],
+    ids=["space", "too-long", "control"],
+)
+async def test_malformed_idempotency_key_gets_400(
+    nodes: Nodes, http: aiohttp.ClientSession, key: str, says: str
+) -> None:
+    """A malformed Idempotency-Key gets 400 saying what a key must be; nothing is sent."""
+    node = await nodes.start(config=HISTORY)
+    member = await node.member("r")
+    status, body, _ = await post(http, node.api("/api/rooms/r/messages"), b"x",
+                                 headers={**AUTH, IDEMPOTENCY_KEY: key})
+    assert status == 400
+    assert body["error"].startswith(f"{IDEMPOTENCY_KEY}: idempotency key must be")
+    assert says in body["error"]
+    await member.nothing_more()
+    assert (await node.hub.room_history(Room("r"))).top == 0
+
+
+async def test_empty_or_repeated_idempotency_key_gets_400(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """An empty header, or the header given twice, gets 400; nothing is sent."""
+    node = await nodes.start(config=HISTORY)
+    member = await node.member("r")
+    host, port = node.url.removeprefix("http://").split(":")
+    for headers, says in ((f"{IDEMPOTENCY_KEY}:\r\n", "idempotency key must be"),
+                          (f"{IDEMPOTENCY_KEY}: a\r\n{IDEMPOTENCY_KEY}: b\r\n",
+                           "give the header once")):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(
+                (f"POST /api/rooms/r/messages HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                 f"Bearer {KEY}\r\n{headers}Content-Length: 1\r\nConnection: close\r\n\r\nx"
+                 ).encode())
+            reply = (await asyncio.wait_for(reader.read(), 5)).decode()
+        finally:
+            writer.close()
+        assert reply.startswith("HTTP/1.1 400"), reply
+        assert f'"{IDEMPOTENCY_KEY}: {says}' in reply, reply
+    await member.nothing_more()
+
+
+async def test_idempotency_key_for_a_room_without_history_gets_400(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """A key for a room that keeps no history (policy off for it, or no policy at all)
+    gets 400 saying the room needs history; nothing is sent."""
+    for config, room in ((HISTORY, "plain"), (None, "r")):
+        node = await nodes.start(config=config)
+        member = await node.member(room)
+        status, body, _ = await post(http, node.api(f"/api/rooms/{room}/messages"), b"x",
+                                     headers={**AUTH, IDEMPOTENCY_KEY: "k1"})
+        assert status == 400
+        assert f"room {room!r} keeps no history" in body["error"]
+        assert "need a room with history" in body["error"]
+        await member.nothing_more()
+
+
+class HistoryUnreachableBroker(MemoryBroker):
+    """A broker whose Redis is unreachable for publishes to rooms with history too."""
+
+    @property
+    def has_peers(self) -> bool:
+        return True
+
+    async def publish(self, envelope: Envelope, *, history: History | None = None,
+                      idempotency_key: str | None = None) -> Position | None:
+        raise PublishError("redis unreachable (test)")
+
+
+async def test_unreachable_broker_in_a_history_room_says_to_retry_with_the_key(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """A failed publish in a room with history: 503, local members served, and the error
+    says the message may not be stored and to retry with the same key."""
+    node = await nodes.start(broker=HistoryUnreachableBroker(), config=HISTORY)
+    member = await node.member("r")
+    status, body, _ = await post(http, node.api("/api/rooms/r/messages"), b"local",
+                                 headers={**AUTH, IDEMPOTENCY_KEY: "k1"})
+    assert status == 503
+    assert "this node only" in body["error"]
+    assert "may not be in the room's history" in body["error"]
+    assert f"same {IDEMPOTENCY_KEY}" in body["error"]
+    assert "redis unreachable (test)" in body["error"]
+    assert await member.recv() == "local"
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A private redis-server (free port, no persistence) for one test."""
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.cleanup()
+
+
+async def test_idempotent_retry_across_nodes_on_real_redis(
+    nodes: Nodes, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """Two nodes on one real Redis, and a Publisher with the same policy: a message sent
+    with a key through the Publisher, then retried through either node's API with the
+    same key, has one position, is stored once and reaches every member once."""
+    one = await nodes.start(broker=RedisBroker(redis_url, prefix="api"), config=HISTORY)
+    two = await nodes.start(broker=RedisBroker(redis_url, prefix="api"), config=HISTORY)
+    try:
+        a, b = await one.member("r"), await two.member("r")
+        # b's node subscribed before answering; a message now reaches it
+        await one.hub.broadcast_to_room("r", "warm-up")
+        assert await a.recv() == "warm-up"
+        assert await b.recv() == "warm-up"
+        async with Publisher(redis_url, prefix="api", history=HISTORY.history) as pub:
+            position = await pub.publish_to_room("r", "invoice 7 paid",
+                                                 idempotency_key="invoice-7:paid")
+        assert position is not None
+        assert await a.recv() == "invoice 7 paid"
+        assert await b.recv() == "invoice 7 paid"
+        expected = {"status": "accepted", "room": "r", "epoch": position.epoch,
+                    "offset": position.offset}
+        for retry_on in (one, two):
+            status, body, _ = await post(http, retry_on.api("/api/rooms/r/messages"),
+                                         b"invoice 7 paid",
+                                         headers={**AUTH, IDEMPOTENCY_KEY: "invoice-7:paid"})
+            assert (status, body) == (202, expected)
+        await a.nothing_more()
+        await b.nothing_more()
+        page = await one.hub.room_history(Room("r"), since=0)
+        assert [e.payload for e in page.envelopes] == [b"warm-up", b"invoice 7 paid"]
+        assert page.position == position
+    finally:
+        for n in (one, two):
+            await n.hub.close()

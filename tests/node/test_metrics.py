@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from roomcast.broker import MemoryBroker, MemoryBus
 from roomcast.node import Connection, ConnectionState, EventHandler, Hub, HubConfig, Message
 from roomcast.node.app import create_app
+from roomcast.node.client import Client, Joined, Position
 from roomcast.node.hub import HUB
 from roomcast.node.metrics import LATENCY_BUCKETS, setup_metrics
 from roomcast.shared.envelope import Kind, room_envelope
@@ -365,3 +366,52 @@ async def test_broker_history_counters(serve: Serve) -> None:
     samples = await scrape(base)
     assert value(samples, "roomcast_history_read_failures_total") == 2
     assert value(samples, "roomcast_rooms_resumed_total") == 3
+
+
+async def test_recoveries_and_catchup_counted_from_real_clients(serve: Serve) -> None:
+    """A v1 client that recovers, one whose position is of a lost epoch, and a gap a node
+    fills after its broker link came back show under their outcomes."""
+    history = History(100, 60)
+    bus = MemoryBus()
+    other = Hub(HubConfig(history=HistoryPolicy(history)), broker=MemoryBroker(bus))
+    broker = MemoryBroker(bus)
+    hub = Hub(HubConfig(history=HistoryPolicy(history)), broker=broker)
+    base = await serve(metered_app(hub, Events()))
+    await serve(metered_app(other, Events(), rooms=()))
+    url = ws_url(base, "/ws")
+    fast = {"initial_delay": 0.01, "max_delay": 0.05}
+    async with Client(url, **fast) as watcher:
+        await watcher.wait_for(Joined, room="r")
+        first = await hub.broadcast_to_room("r", "m1")
+        assert first is not None
+        for text in ("m2", "m3"):
+            await hub.broadcast_to_room("r", text)
+        for text in ("m1", "m2", "m3"):
+            assert (await watcher.next_message()).data == text
+
+        # behind by two: recovered, two messages replayed
+        async with Client(url, positions={"r": (first.epoch, 1)}, **fast) as late:
+            joined = await late.wait_for(Joined, room="r")
+            assert (joined.recovered, joined.replayed) == (True, 2)
+        # a position of an epoch the room never had: not recovered
+        async with Client(url, positions={"r": ("gone", 1)}, **fast) as lost:
+            joined = await lost.wait_for(Joined, room="r")
+            assert (joined.recovered, joined.reason) == (False, "epoch")
+        samples = await scrape(base)
+        assert value(samples, "roomcast_recoveries_total", outcome="recovered") == 1
+        assert value(samples, "roomcast_recoveries_total", outcome="not_recovered") == 1
+        assert value(samples, "roomcast_messages_recovered_total") == 2
+
+        # this node's link drops while another node publishes; when it comes back the
+        # node reads the gap from the history and delivers it
+        broker.lose_link()
+        await other.broadcast_to_room("r", "while away")
+        broker.restore_link()
+        message = await watcher.next_message()
+        assert (message.data, message.position) == ("while away", Position(first.epoch, 4))
+        samples = await until_metric(base, "roomcast_catchup_gaps_total", 1, outcome="filled")
+        assert value(samples, "roomcast_catchup_gaps_total", outcome="lost") == 0
+        assert value(samples, "roomcast_rooms_resumed_total") == 1
+        assert value(samples, "roomcast_history_published_total") == 3
+        assert value(samples, "roomcast_history_reads_total") >= 3
+    await other.close()
