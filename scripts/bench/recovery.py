@@ -6,8 +6,8 @@ Publisher stores one message in the room (the position every client declares), t
 each node, each declaring that position in ``roomcast.since``: each must get the
 ``--behind`` messages it missed, then ``joined`` with ``recovered: true``. Reports the
 time from the first connect to the last ``joined`` (and percentiles of each client's
-own time), node CPU (both nodes, /proc) and Redis CPU (``INFO cpu``) over that window,
-and the nodes' recovery counters.
+own time and of its upgrade), node CPU (both nodes, /proc), Redis CPU (``INFO cpu``) and
+the load generator's CPU over that window, and the nodes' recovery counters.
 
     python scripts/bench/recovery.py [--clients 1000] [--behind 100] [--size 64]
 """
@@ -125,8 +125,9 @@ async def run(clients: int, behind: int, size: int) -> None:
         path = "/bench?room=rec&roomcast.since=" + urllib.parse.quote(declared)
         await asyncio.sleep(1.0)  # let presence settle
         protos: list[Recovering] = []
-        cpu0, redis0 = cluster.cpu(), redis_cpu(cluster)
+        cpu0, redis0, own0 = cluster.cpu(), redis_cpu(cluster), time.process_time()
         start = time.perf_counter()
+        upgraded: list[float] = []
 
         async def one(i: int) -> float:
             port = cluster.ports[i % 2]
@@ -136,11 +137,13 @@ async def run(clients: int, behind: int, size: int) -> None:
                 lambda: Recovering(port, path, ready, done), "127.0.0.1", port)
             protos.append(proto)
             await asyncio.wait_for(ready, 120)
+            upgraded.append(time.perf_counter() - start)
             return await asyncio.wait_for(done, 120)
 
         try:
             ends = await asyncio.gather(*(one(i) for i in range(clients)))
             cpu, redis = cluster.cpu() - cpu0, redis_cpu(cluster) - redis0
+            own = time.process_time() - own0
             total = max(ends) - start
             stats = [cluster.stats(i) for i in range(2)]
         finally:
@@ -149,16 +152,19 @@ async def run(clients: int, behind: int, size: int) -> None:
                     proto.transport.abort()
     recovered = sum(1 for p in protos if p.joined and p.joined.get("recovered") is True)
     exact = sum(1 for p in protos if p.messages == behind)
-    own = [end - start for end in ends]
+    each = [end - start for end in ends]
     print(f"recovery: {clients} roomcast.v1 clients reconnecting at once over 2 nodes, each "
           f"{behind} messages of {size} B behind, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"{_lib.machine()}")
     print(f"recovered: {recovered}/{clients}; got exactly {behind} messages: {exact}/{clients}")
     print(f"time until all recovered: {total:.2f} s (per client p50 "
-          f"{_lib.percentile(own, 0.5):.2f} s, p99 {_lib.percentile(own, 0.99):.2f} s)")
+          f"{_lib.percentile(each, 0.5):.2f} s, p99 {_lib.percentile(each, 0.99):.2f} s; "
+          f"upgraded p50 {_lib.percentile(upgraded, 0.5):.2f} s, p99 "
+          f"{_lib.percentile(upgraded, 0.99):.2f} s)")
     print(f"node CPU: {cpu:.2f} s ({cpu / clients * 1e3:.2f} ms per client, "
           f"{cpu / (clients * behind) * 1e6:.1f} us per message replayed)")
-    print(f"Redis CPU: {redis:.2f} s ({redis / clients * 1e3:.2f} ms per client)")
+    print(f"Redis CPU: {redis:.2f} s ({redis / clients * 1e3:.2f} ms per client); load "
+          f"generator (this process) CPU: {own:.2f} s")
     for i, s in enumerate(stats):
         print(f"node {i}: " + ", ".join(f"{k}={s.get(k)}" for k in (
             "recoveries", "recoveries_failed", "messages_recovered")))
