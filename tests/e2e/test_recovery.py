@@ -100,6 +100,10 @@ async def links_up(started: list[NodeProcess], timeout: float = 60.0) -> None:
                 await asyncio.sleep(0.05)  # poll interval: health has no event to await
 
 
+def told_lost(member: Member) -> Callable[[], bool]:
+    return lambda: bool(member.losses)
+
+
 def at_position(member: Member, room: str, position: Position) -> Callable[[], bool]:
     return lambda: member.client.positions.get(room) == position
 
@@ -162,9 +166,13 @@ async def test_redis_restarted_without_persistence_is_a_new_epoch_and_members_ar
             old = members[0].client.positions["reset"]
             redis_.kill()
             redis_.start()
-            # publish once the nodes are back, so that each reads the new epoch before
-            # its messages (test_history_lost_while_the_link_was_down: the other order)
+            # each node, back, reads the room's history (resumed) and finds the epoch
+            # changed: its members are told at once, before any new message (publishing
+            # before that read: test_history_lost_while_the_link_was_down)
             await links_up(started)
+            for member in members:
+                await member.wait(told_lost(member), timeout=60,
+                                  what=f"{member.name} told lost")
             after = Burst(pub, "reset", 20, tag="z")
             await after.run()
             assert after.positions[1].epoch != before.positions[1].epoch
