@@ -79,6 +79,10 @@ from roomcast.shared.rfc6455 import Data as Data  # re-exported: node.api import
 
 log = logging.getLogger("roomcast.node")
 
+_DRAIN_POLL: Final = 0.005
+"""Seconds between checks of a client's unsent bytes while a long replay waits for it
+(the transport has no drain event the hub can await)."""
+
 
 class Hub:
     """The seed's ``Hub``: connections, rooms and broadcasts of one node.
@@ -431,7 +435,7 @@ class Hub:
             await self._subscribe_history(name, history, first, start=True)
             await self.broker.add_presence(name, conn.id)
             return
-        pending = PendingJoin()
+        pending = PendingJoin(name)
         first = self._rooms.join(name, conn.id, conn, pending=True)
         self._pending.setdefault(name, {})[conn.id] = pending
         try:
@@ -511,11 +515,23 @@ class Hub:
             return  # it left the room (or closed) during the read
         previous = conn.previous
         replayed = 0
+        budget = max(self.config.send_buffer_limit // 2, 1)
+        queued = 0
         for env in envelopes:
             if previous is not None and env.exclude == previous:
                 continue
-            self._send_one(conn, message_frame(env.payload, env.binary, name,
-                                               Position(env.epoch, env.offset)))
+            frame = message_frame(env.payload, env.binary, name, (env.epoch, env.offset))
+            if queued and queued + len(frame.payload) > budget:
+                # A long replay goes out as fast as the client reads it, not all at
+                # once: queued whole it could exceed send_buffer_limit and cut off a
+                # client that is reading.
+                await self._drained(conn, budget)
+                if (self._pending.get(name, {}).get(conn.id) is not pending
+                        or conn.state is not ConnectionState.OPEN):
+                    return
+                queued = 0
+            self._send_one(conn, frame)
+            queued += len(frame.payload)
             replayed += 1
         stats = self.stats
         stats.messages_recovered += replayed
@@ -530,6 +546,17 @@ class Hub:
         if pending.caught_up(self._catchup.stream(name)):
             self._drop_pending(name, conn.id)
             self._rooms.activate(name, conn.id)
+
+    async def _drained(self, conn: Connection, below: int) -> None:
+        """Write what is queued for ``conn`` and wait until less than ``below`` bytes of
+        it are unsent, or the connection ends; after ``pong_timeout`` the wait ends
+        anyway (the next frame then meets the slow-consumer rule)."""
+        conn.flush()
+        deadline = time.monotonic() + max(self.config.pong_timeout, 1.0)
+        # Polled: the transport's own pause/resume marks are not this threshold.
+        while (conn.state is ConnectionState.OPEN and conn.unsent_now() >= below  # noqa: ASYNC110
+               and time.monotonic() < deadline):
+            await asyncio.sleep(_DRAIN_POLL)
 
     def _drop_pending(self, room: Room, conn_id: ConnectionId) -> None:
         pending = self._pending.get(room)
@@ -604,12 +631,14 @@ class Hub:
     ) -> Position | None:
         """Send ``data`` to every member of ``room`` on every node (``broadcastToRoom``).
 
-        Local members get it before this returns; PublishError means members on other
-        nodes did not. In a room with history the message is stored and the position it
-        got is returned (None for a room without history); ``idempotency_key``: a retry
-        with the same key within the room's history window is stored and delivered once,
-        and returns the first position. In a room with history, PublishError means the
-        message was not stored: local members got it without a position.
+        Local members get it before this returns (in a room with history, once the
+        room's earlier messages are delivered here: normally at once); PublishError means
+        members on other nodes did not. In a room with history the message is stored and
+        the position it got is returned (None for a room without history);
+        ``idempotency_key``: a retry with the same key within the room's history window
+        is stored and delivered once, and returns the first position. In a room with
+        history, PublishError means the message was not stored: local members got it
+        without a position.
         """
         name = validate_room(room)
         prepared = PreparedMessage.of(data)

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from roomcast.node.stats import HubStats
+from roomcast.node.v1 import lost_frame
 from roomcast.shared.envelope import Envelope
 from roomcast.shared.errors import BrokerError
 from roomcast.shared.frames import PreparedMessage
-from roomcast.shared.history import EPOCH, WINDOW, History, HistoryPage, Position
+from roomcast.shared.history import EPOCH, LIMIT, WINDOW, History, HistoryPage, Position
 from roomcast.shared.ids import Room
 
 log = logging.getLogger("roomcast.node")
@@ -40,6 +41,9 @@ GRACE: Final = 0.5
 """Seconds a gap may wait for pub/sub to fill it before the history is read."""
 HOLD_MAX: Final = 1000
 """Envelopes held per room behind a gap before the history is read at once."""
+PENDING_MAX: Final = 10_000
+"""Messages queued for one joining member while its history is read; past it the oldest
+half is dropped and the member is told ``lost`` (reason ``limit``) after ``joined``."""
 RETRY_MAX: Final = 5.0
 """Seconds between failed gap reads at most (the delay doubles from ``grace``)."""
 UNAVAILABLE: Final = "unavailable"
@@ -123,7 +127,7 @@ class StreamTracker:
         early, stream.early = stream.early, []
         steps: list[Step] = []
         for env in early:
-            steps.extend(self._offer(stream, env))
+            steps.extend(self.feed(stream, env))
         return steps
 
     def offer(self, env: Envelope) -> list[Step] | None:
@@ -131,9 +135,10 @@ class StreamTracker:
         stream = self.rooms.get(Room(env.target))
         if stream is None:
             return None
-        return self._offer(stream, env)
+        return self.feed(stream, env)
 
-    def _offer(self, stream: RoomStream, env: Envelope) -> list[Step]:
+    def feed(self, stream: RoomStream, env: Envelope) -> list[Step]:
+        """``offer`` for a room's stream already looked up."""
         if not stream.started:
             if len(stream.early) < self.hold_max:
                 stream.early.append(env)
@@ -222,10 +227,14 @@ class PendingJoin:
     """A v1 member joining a room with history: what reaches it while its history is read,
     and until it has caught up with the room's stream."""
 
-    __slots__ = ("epoch", "offset", "queue", "ready")
+    __slots__ = ("dropped", "epoch", "max_queue", "offset", "queue", "ready", "room")
 
-    def __init__(self) -> None:
+    def __init__(self, room: Room, max_queue: int = PENDING_MAX) -> None:
+        self.room = room
+        self.max_queue = max_queue
         self.queue: list[Item] = []
+        self.dropped: tuple[str, int] | None = None
+        """The newest positioned item dropped from a full queue (the oldest half goes)."""
         self.ready = False
         """True once its ``joined`` frame is out."""
         self.epoch: str | None = None
@@ -234,17 +243,30 @@ class PendingJoin:
     def offer(self, item: Item) -> PreparedMessage | None:
         """The frame to send now for ``item``, or None (queued, duplicate or excluded)."""
         if not self.ready:
-            self.queue.append(item)
+            queue = self.queue
+            queue.append(item)
+            if len(queue) > self.max_queue:
+                half = len(queue) // 2
+                for _, epoch, offset, _ in queue[:half]:
+                    if epoch is not None:
+                        self.dropped = (epoch, offset)
+                del queue[:half]
             return None
         return self._pass(item)
 
     def joined(self, position: Position | None) -> list[PreparedMessage]:
-        """The ``joined`` frame is out at ``position``: the queued frames to send after."""
+        """The ``joined`` frame is out at ``position``: the queued frames to send after
+        (after a ``lost`` frame if messages past ``position`` were dropped from a full
+        queue)."""
         self.ready = True
         if position is not None:
             self.epoch, self.offset = position.epoch, position.offset
         queue, self.queue = self.queue, []
         frames = []
+        dropped, self.dropped = self.dropped, None
+        if dropped is not None and (dropped[0] != self.epoch or dropped[1] > self.offset):
+            frames.append(lost_frame(self.room, Position(*dropped), LIMIT))
+            self.epoch, self.offset = dropped
         for item in queue:
             frame = self._pass(item)
             if frame is not None:
@@ -328,7 +350,7 @@ class Catchup:
         stream = self.tracker.rooms.get(Room(env.target))
         if stream is None:
             return False
-        steps = self.tracker._offer(stream, env)
+        steps = self.tracker.feed(stream, env)
         if steps:
             self._emit(stream.room, steps)
         if stream.held and stream.timer is None and not stream.reading:

@@ -408,3 +408,61 @@ async def test_every_member_gets_every_message_once_across_a_lost_link(
         await member.nothing_more()
     assert sum(hub.stats.catchup_gaps_lost for hub in hcluster.hubs) == 0
     assert all(hub.broker.stats.resumed_rooms >= 1 for hub in hcluster.hubs)
+
+
+async def test_members_joining_during_a_burst_miss_nothing_and_get_nothing_twice(
+        hcluster: Cluster) -> None:
+    """v1 members join on other nodes while a burst is published (some declaring the
+    start of the room, some nothing): each gets one contiguous run of offsets, the
+    replayed ones before its joined frame and the live ones after, up to the end."""
+    _, joined = await v1_member(hcluster, 0, "h")
+    epoch = joined["epoch"]
+    total = 90  # within the history window (100)
+
+    started = asyncio.Event()
+
+    async def burst() -> None:
+        for i in range(1, total + 1):
+            await hcluster.hubs[i % 2].broadcast_to_room("h", f"m{i}")
+            if i == 5:
+                started.set()
+            await asyncio.sleep(0)  # one message per loop turn: the joins interleave
+
+    declared = quote(json.dumps({"h": [epoch, 0]}), safe="")
+
+    async def join(n: int) -> tuple[V1Member, bool]:
+        recovering = n % 2 == 0
+        query = f"roomcast.since={declared}" if recovering else ""
+        hub = hcluster.hubs[1 + n % 2]
+        ws = await hcluster.session.ws_connect(f"{hcluster.urls[1 + n % 2]}?{query}",
+                                               protocols=("roomcast.v1",))
+        welcome = json.loads((await ws.receive(timeout=10)).data)
+        assert welcome["type"] == "welcome"
+        conn = hub.get_connection(welcome["connection"])
+        assert conn is not None
+        await hub.join_room(conn, "h")
+        return V1Member(ws, conn, hub), recovering
+
+    publishing = asyncio.create_task(burst())
+    await asyncio.wait_for(started.wait(), 10)
+    joiners = await asyncio.gather(*(join(n) for n in range(6)))
+    await asyncio.wait_for(publishing, 60)
+    await hcluster.hubs[2].broadcast_to_room("h", "end")
+    for member, recovering in joiners:
+        offsets: list[int] = []
+        joined_at: int | None = None
+        while True:
+            frame = await member.frame()
+            if frame["type"] == "joined":
+                assert frame.get("recovered", True) is True, frame
+                assert frame["offset"] == (offsets[-1] if offsets else frame["offset"])
+                joined_at = frame["offset"]
+                continue
+            assert frame["type"] == "message", frame
+            offsets.append(frame["offset"])
+            if frame["data"] == "end":
+                break
+        assert joined_at is not None
+        first = 1 if recovering else joined_at + 1
+        assert offsets == list(range(first, total + 2)), (recovering, joined_at, offsets)
+        await member.nothing_more()

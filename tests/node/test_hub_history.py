@@ -286,6 +286,23 @@ async def test_replay_gives_recent_messages_on_a_join_without_position(
     assert node.hub.stats.messages_recovered == 2
 
 
+async def test_a_replay_longer_than_the_send_buffer_reaches_a_reading_client(
+        harness: Harness) -> None:
+    """A recovery of more bytes than send_buffer_limit goes out as the client reads it:
+    the client is not cut off as a slow consumer and gets everything in order."""
+    node = await harness.node(HubConfig(history=POLICY, send_buffer_limit=4096))
+    for i in range(1, 41):
+        await node.hub.broadcast_to_room("r", f"{i:03d}" + "x" * 400)
+    epoch = (await node.hub.room_history("r", limit=0)).epoch
+    sock = await harness.connect(node, f"room=r&{since('r', epoch, 0)}")
+    me = await sock.welcome()
+    got = await sock.messages(40)
+    assert [offset for offset, _ in got] == list(range(1, 41))
+    assert (await sock.recv())["replayed"] == 40
+    await sock.nothing_more(me)
+    assert node.hub.stats.slow_consumers == 0
+
+
 async def test_epoch_change_mid_session_sends_lost(harness: Harness) -> None:
     """The room's history is lost (a new epoch): members get lost, then go on."""
     node = await harness.node()
@@ -550,3 +567,34 @@ async def test_python_client_resumes_through_another_node(harness: Harness) -> N
         message = await again.next_message()
         assert isinstance(message, ClientMessage) and message.data == "m5"
         assert again.duplicates == 0
+
+
+async def test_a_broadcast_is_framed_once_for_all_v1_members(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five v1 members and two raw ones in a room: one v1 frame per broadcast, and every
+    v1 member gets the same bytes."""
+    import roomcast.node.hub as hub_module
+    import roomcast.node.v1 as v1_module
+
+    node = await harness.node()
+    socks = [await harness.connect(node, "room=r") for _ in range(5)]
+    raws = [await harness.connect(node, "room=r", v1=False) for _ in range(2)]
+    for sock in socks:
+        await sock.welcome()
+        await sock.recv()
+    made: list[Any] = []
+    real = v1_module.message_frame
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        frame = real(*args, **kwargs)
+        made.append(frame)
+        return frame
+
+    monkeypatch.setattr(hub_module, "message_frame", counting)
+    await node.hub.broadcast_to_room("r", "once")
+    await node.hub.broadcast_to_room("plain-none", "nobody")  # no member: no frame
+    assert len(made) == 1
+    for sock in socks:
+        assert await sock.messages(1) == [(1, "once")]
+    for raw in raws:
+        assert await raw.recv() == "once"

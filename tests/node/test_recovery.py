@@ -4,6 +4,7 @@ catch-up driver on the event loop with a fake history read."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 from roomcast.node.recovery import (
@@ -143,7 +144,7 @@ def frame(name: str) -> PreparedMessage:
 def test_pending_join_queues_then_passes_only_what_follows_its_position() -> None:
     """While reading everything waits; after joined only later offsets of its epoch go,
     messages without a position always go, excluded ones advance without a frame."""
-    join = PendingJoin()
+    join = PendingJoin(ROOM)
     f3, f4, f5, free = frame("3"), frame("4"), frame("5"), frame("free")
     assert join.offer((MESSAGE, "e1", 3, f3)) is None
     assert join.offer((MESSAGE, None, 0, free)) is None
@@ -163,7 +164,7 @@ def test_pending_join_queues_then_passes_only_what_follows_its_position() -> Non
 def test_pending_join_catches_up_with_the_stream() -> None:
     """A joining member is caught up once at the stream's position (or the room is gone)."""
     tracker, stream = started(Position("e1", 4))
-    join = PendingJoin()
+    join = PendingJoin(ROOM)
     assert not join.caught_up(stream)
     join.joined(Position("e1", 6))
     assert not join.caught_up(stream)
@@ -270,3 +271,22 @@ async def test_resumed_during_a_read_reads_again_and_before_start_reads_at_start
     await fake.wait_until(lambda: len(fake.reads) == 3)
     await c.close_all()
     await other.close_all()
+
+
+def test_pending_join_queue_is_bounded_and_says_what_it_dropped() -> None:
+    """A full queue drops its oldest half; after joined the member is told lost (limit)
+    at the newest dropped position, then gets the rest; drops before its position are
+    not a loss."""
+    join = PendingJoin(ROOM, max_queue=4)
+    for offset in range(1, 7):
+        join.offer((MESSAGE, "e1", offset, frame(str(offset))))
+    assert len(join.queue) <= 4
+    frames = join.joined(Position("e1", 1))
+    lost = json.loads(frames[0].payload)
+    assert lost == {"type": "lost", "room": "r", "epoch": "e1", "offset": 2,
+                    "reason": "limit"}
+    assert [f.payload for f in frames[1:]] == [b"3", b"4", b"5", b"6"]
+    early = PendingJoin(ROOM, max_queue=4)
+    for offset in range(1, 7):
+        early.offer((MESSAGE, "e1", offset, frame(str(offset))))
+    assert [f.payload for f in early.joined(Position("e1", 5))] == [b"6"]
