@@ -15,8 +15,9 @@ request with the same key within max(history ttl, 5 minutes) gets the first requ
 position and is neither stored nor delivered again.
 
 Refusals: 400 bad room, id, body or idempotency key (or a key for a room without
-history); 401 no or wrong key; 413 body over ``max_message_size``; 415 other media types
-or content codings; 503 the broker failed.
+history, a broadcast or a message to one connection); 401 no or wrong key; 413 body
+over ``max_message_size``; 415 other media types or content codings; 503 the broker
+failed.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class _Api:
             node_of(conn_id)
         except ValueError as exc:
             raise _Refusal(400, f"connection id: {exc}") from None
+        _no_idempotency_key(request, "a message to one connection")
         data = await self._read_message(request)
         try:
             sent = await self._hub.send_to(conn_id, data)
@@ -146,6 +148,7 @@ class _Api:
     async def post_broadcast(self, request: web.Request) -> web.StreamResponse:
         """Send the body to every connection on every node."""
         exclude = _exclude(request)
+        _no_idempotency_key(request, "a broadcast to everyone")
         data = await self._read_message(request)
         try:
             await self._hub.broadcast(data, exclude=exclude)
@@ -260,6 +263,15 @@ def _exclude(request: web.Request) -> str | None:
     except ValueError as exc:
         raise _Refusal(400, f"exclude: {exc}") from None
     return values[0]
+
+
+def _no_idempotency_key(request: web.Request, what: str) -> None:
+    """400 for an ``Idempotency-Key`` where none can be honoured (nothing is stored), so
+    that a backend does not retry believing it safe."""
+    if IDEMPOTENCY_KEY in request.headers:
+        raise _Refusal(
+            400, f"{IDEMPOTENCY_KEY}: {what} is not stored, so a retry cannot be "
+            "recognised; only room messages in rooms with history take a key")
 
 
 def _not_published(exc: BrokerError, *, history: bool = False) -> _Refusal:

@@ -5,7 +5,9 @@ machine can run one): every node service's command and
 environment pass ``roomcast serve --check``; haproxy mounts the cfg scripts/cluster uses,
 gets every variable the cfg needs, and points at every node on its port; ``haproxy -c``
 accepts the cfg with the compose and the local environments; the Dockerfile's build
-context holds what the package needs and its command is the package's console script.
+context holds what the package needs and its command is the package's console script;
+a real redis-server run with the Redis service's arguments keeps rooms' positions across
+a crash.
 """
 
 from __future__ import annotations
@@ -590,3 +592,28 @@ def test_installed_package_serves_the_chat_page_from_any_directory(tmp_path: Pat
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+async def test_redis_service_settings_keep_positions_across_a_crash() -> None:
+    """A real redis-server run with the compose file's Redis arguments: after a SIGKILL and
+    a restart on the same data, a room's positions go on in the same epoch (the settings
+    are the durable ones, README "Delivery guarantees")."""
+    from roomcast.broker import Publisher
+    from roomcast.shared.history import History, HistoryPolicy
+    from tests.redis_server import RedisServer
+
+    command = SERVICES[_service_by_image("redis:")]["command"]
+    policy = HistoryPolicy(History(10, 60))
+    with RedisServer(extra_args=tuple(command[1:])) as server:
+        with server.client() as client:
+            assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        async with Publisher(server.url, prefix="compose", history=policy) as pub:
+            first = await pub.publish_to_room("lobby", "before the crash")
+        server.kill()
+        server.start()
+        async with Publisher(server.url, prefix="compose", history=policy) as pub:
+            second = await pub.publish_to_room("lobby", "after the crash")
+            page = await pub.room_history("lobby", since=0)
+    assert first is not None and second is not None
+    assert (second.epoch, second.offset) == (first.epoch, first.offset + 1)
+    assert [e.payload for e in page.envelopes] == [b"before the crash", b"after the crash"]

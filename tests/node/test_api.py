@@ -680,6 +680,25 @@ async def test_idempotency_key_for_a_room_without_history_gets_400(
         await member.nothing_more()
 
 
+async def test_idempotency_key_on_broadcasts_and_connection_sends_gets_400(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """Broadcasts and sends to one connection are not stored: a key there gets 400 (a
+    backend must not retry them believing it safe); nothing is sent."""
+    node = await nodes.start(config=HISTORY)
+    member = await node.member("r")
+    for path, what in (("/api/broadcast", "a broadcast to everyone"),
+                       (f"/api/connections/{member.id}/messages",
+                        "a message to one connection")):
+        status, body, _ = await post(http, node.api(path), b"x",
+                                     headers={**AUTH, IDEMPOTENCY_KEY: "k1"})
+        assert status == 400, path
+        assert body["error"] == (f"{IDEMPOTENCY_KEY}: {what} is not stored, so a retry "
+                                 "cannot be recognised; only room messages in rooms with "
+                                 "history take a key")
+    await member.nothing_more()
+
+
 class HistoryUnreachableBroker(MemoryBroker):
     """A broker whose Redis is unreachable for publishes to rooms with history too."""
 
@@ -754,3 +773,43 @@ async def test_idempotent_retry_across_nodes_on_real_redis(
     finally:
         for n in (one, two):
             await n.hub.close()
+
+
+async def test_retry_after_a_timed_out_publish_on_real_redis_stores_once(
+    nodes: Nodes, http: aiohttp.ClientSession
+) -> None:
+    """Redis frozen: a keyed room publish times out (503, says to retry with the key) but
+    Redis runs it after the thaw; the retry with the same key answers that very position,
+    and the room's history holds the message once."""
+    server = RedisServer().start()
+    try:
+        node = await nodes.start(broker=RedisBroker(server.url, prefix="api",
+                                                    socket_timeout=1.0), config=HISTORY)
+        member = await node.member("r")
+        keyed = {**AUTH, IDEMPOTENCY_KEY: "report-9"}
+        status, first, _ = await post(http, node.api("/api/rooms/r/messages"), b"before")
+        assert status == 202
+        assert await member.recv() == "before"
+        server.freeze()
+        try:
+            status, body, _ = await post(http, node.api("/api/rooms/r/messages"), b"report",
+                                         headers=keyed)
+        finally:
+            server.thaw()
+        assert status == 503, body
+        assert f"retry with the same {IDEMPOTENCY_KEY}" in body["error"]
+        assert await member.recv() == "report"  # local members were served meanwhile
+        async with asyncio.timeout(20):  # the node reconnects after the thaw
+            while True:
+                status, body, _ = await post(http, node.api("/api/rooms/r/messages"),
+                                             b"report", headers=keyed)
+                if status == 202:
+                    break
+                assert status == 503, body
+                await asyncio.sleep(0.2)  # a backend's retry interval, not a sync point
+        assert body == {**first, "offset": first["offset"] + 1}
+        page = await node.hub.room_history(Room("r"), since=0)
+        assert [e.payload for e in page.envelopes] == [b"before", b"report"]
+        await node.hub.close()
+    finally:
+        server.cleanup()
