@@ -282,6 +282,41 @@ async def test_history_lost_while_the_link_was_down_new_epoch_messages_still_com
                 assert member.client.duplicates == 0
 
 
+@pytest.mark.xfail(reason=(
+    "hub-hist bug: a publish that timed out on a frozen Redis is delivered locally "
+    "without a position (PublishError path), and again with its position when Redis "
+    "thaws and runs the script it had already received: local members get it twice "
+    "(tests/e2e/test_faults.py::test_redis_frozen_* fail the same way with history on)"),
+    strict=False)
+async def test_redis_frozen_during_publishes_local_members_get_each_message_once() -> None:
+    """Redis SIGSTOPped for 5 s (past the 2 s socket timeout) while a member sends: the
+    publishes time out and are delivered on the sender's node at once; when Redis
+    thaws it runs the ones it had received. No member gets a message twice."""
+    with RedisServer() as redis_, nodes(redis_.url, 1) as started:
+        async with members_on([started[0].ws_url] * 2, "frozen") as (sender, listener):
+            async def send(n: int) -> None:
+                await sender.client.send(f"f:{n}")
+
+            for n in range(1, 6):
+                await send(n)
+            await listener.wait_for_number("f", 5)
+            redis_.freeze()
+            try:
+                for n in range(6, 11):
+                    await send(n)
+                await listener.wait_for_number("f", 10, timeout=30)  # local delivery
+            finally:
+                redis_.thaw()
+            await links_up(started)
+            for n in range(11, 16):
+                await send(n)
+            for member in (sender, listener):
+                await member.wait_for_number("f", 15, timeout=60)
+            got = listener.numbers("f")
+            assert sorted(set(got)) == list(range(1, 16))
+            assert len(got) == len(set(got)), f"duplicates: {got}"
+
+
 # -- a node killed behind haproxy -------------------------------------------------------
 
 
