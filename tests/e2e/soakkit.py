@@ -14,6 +14,8 @@
   wrapping ``roomcast.node.cli.create_app`` in the child: the library itself is unchanged.
   ``Cluster`` starts a private redis-server, the nodes and optionally haproxy, and stops
   each by PID.
+- ``RecoveringMix``: recovering ``roomcast.v1`` clients and a numbered Publisher in
+  rooms of their own, with lost/duplicated counts (issue 12).
 - Probes: ``scrape`` (unlabelled /metrics samples), ``debug``, ``rss_bytes``,
   ``fd_count``, ``until``.
 
@@ -38,8 +40,12 @@ from typing import Any
 
 import aiohttp
 
+from roomcast.broker.publisher import Publisher
+from roomcast.shared.errors import PublishError
+from roomcast.shared.history import History, HistoryPolicy
 from tests.e2e.haproxy import HAProxy
 from tests.e2e.procs import REPO, NodeProcess, wait_for_port
+from tests.e2e.recovering import Member as RecoveringMember
 from tests.redis_server import RedisServer
 
 API_KEY = "soak-api-key"
@@ -623,13 +629,13 @@ class Cluster:
 
     def __init__(self, nodes: int = 3, node_args: Sequence[str] = (), *,
                  haproxy: bool = False, check_inter: str = "300ms",
-                 keep_logs: bool = False) -> None:
+                 keep_logs: bool = False, redis_args: Sequence[str] = ()) -> None:
         self.count = nodes
         self.node_args = list(node_args)
         self.use_haproxy = haproxy
         self.check_inter = check_inter
         self.keep_logs = keep_logs
-        self.redis = RedisServer()
+        self.redis = RedisServer(extra_args=tuple(redis_args))
         self.nodes: list[InstrumentedNode] = []
         self.haproxy: HAProxy | None = None
         self.node_ids: list[str] = []
@@ -810,3 +816,112 @@ def _serve_instrumented(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_serve_instrumented(sys.argv[1:]))
+
+
+# -- the recovering client mix (issue 12) --------------------------------------------------
+
+RECOVERING_HISTORY = History(size=1000, ttl=300)
+"""The history of every room in a soak with recovering clients (nodes and Publisher)."""
+RECOVERING_NODE_ARGS = ("--history-size", str(RECOVERING_HISTORY.size),
+                        "--history-ttl", str(int(RECOVERING_HISTORY.ttl)))
+
+
+class RecoveringMix:
+    """Recovering ``roomcast.v1`` clients (``roomcast.node.client`` through
+    ``tests.e2e.recovering.Member``) in rooms of their own, and a Publisher sending
+    numbered messages (``r:<n>``, one idempotency key each, retried until Redis takes
+    them) to those rooms at ``rate`` per second per room.
+
+    ``report`` counts, over every client: messages published to its room that it never
+    got (``lost``), that it got more than once or that the server sent again and the
+    client dropped (``duplicated``), and losses the server reported honestly (``lost``
+    frames, ``joined`` with ``recovered: false``). With Redis restarted with AOF and
+    nodes killed, the first two must be 0.
+    """
+
+    def __init__(self, redis_url: str, urls: Sequence[str], rooms: Sequence[str],
+                 clients: int, rate: float) -> None:
+        self.redis_url = redis_url
+        self.urls = list(urls)
+        self.rooms = list(rooms)
+        self.count = clients
+        self.rate = rate
+        self.members: list[RecoveringMember] = []
+        self.published: dict[str, list[int]] = {room: [] for room in self.rooms}
+        self.publish_failures = 0
+        self.node_kills = 0
+        self._publisher = Publisher(redis_url, history=HistoryPolicy(RECOVERING_HISTORY))
+        self._next = dict.fromkeys(self.rooms, 0)
+
+    async def start(self) -> None:
+        for i in range(self.count):
+            member = RecoveringMember(self.urls[i % len(self.urls)],
+                                      self.rooms[i % len(self.rooms)], f"rec{i}")
+            await member.start()
+            self.members.append(member)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop``; each room in its own loop."""
+        def publisher_of(room: str) -> Callable[[], Awaitable[None]]:
+            return lambda: self._publish(room, stop)
+
+        await asyncio.gather(*(steady(1 / self.rate, stop, publisher_of(room))
+                               for room in self.rooms))
+
+    async def _publish(self, room: str, stop: asyncio.Event, deadline: float = 30.0) -> None:
+        self._next[room] += 1
+        n = self._next[room]
+        until_ = time.monotonic() + deadline
+        while True:
+            try:
+                await self._publisher.publish_to_room(room, f"r:{n}",
+                                                      idempotency_key=f"soak-{room}-{n}")
+            except PublishError:
+                self.publish_failures += 1
+                if time.monotonic() > until_:
+                    raise
+                await asyncio.sleep(0.1)  # retry interval while Redis is away
+                continue
+            self.published[room].append(n)
+            return
+
+    async def kill_node(self, node: NodeProcess, at: float, down: float) -> None:
+        """SIGKILL ``node`` at monotonic time ``at``, start it again on its port after
+        ``down`` seconds (its clients reconnect to it and recover)."""
+        await asyncio.sleep(max(0.0, at - time.monotonic()))  # the fault's moment
+        node.kill()
+        self.node_kills += 1
+        await asyncio.sleep(down)  # the node is down
+        port = node.port
+        await asyncio.to_thread(node.start)
+        if node.port != port:
+            raise RuntimeError(f"the killed node could not have its port {port} back")
+
+    async def finish(self, timeout: float = 30.0) -> None:
+        """Wait (bounded) until every client has its room's last message, then close
+        them all and the Publisher."""
+        try:
+            for member in self.members:
+                last = self.published[member.room][-1:]
+                if last:
+                    with contextlib.suppress(TimeoutError):  # counted as lost
+                        await member.wait_for_number("r", last[0], timeout=timeout)
+        finally:
+            for member in self.members:
+                await member.close()
+            await self._publisher.close()
+
+    def report(self) -> dict[str, Any]:
+        lost = duplicated = told = reconnects = recovered = 0
+        for member in self.members:
+            got = member.numbers("r")
+            lost += len(set(self.published[member.room]) - set(got))
+            duplicated += len(got) - len(set(got)) + member.client.duplicates
+            told += len(member.losses) + sum(1 for j in member.joins if j.recovered is False)
+            reconnects += len(member.opens) - 1
+            recovered += sum(1 for j in member.joins if j.recovered is True)
+        return {"clients": len(self.members), "rooms": len(self.rooms),
+                "published": sum(len(p) for p in self.published.values()),
+                "publish_retries": self.publish_failures, "node_kills": self.node_kills,
+                "reconnects": reconnects, "recovered_joins": recovered,
+                "lost": lost, "duplicated": duplicated, "reported_lost": told}

@@ -85,6 +85,25 @@ async def test_short_soak_with_haproxy_and_a_redis_restart(tmp_path: Path) -> No
                                            "rss")}, indent=1))
 
 
+@pytest.mark.timeout(120)
+@ONE_LOOP  # a soak of the default loop keeps the suite short
+async def test_short_soak_recovering_clients_lose_nothing_across_faults(tmp_path: Path) -> None:
+    """20 s with recovering roomcast.v1 clients, Redis (AOF always) killed and restarted
+    and their extra node SIGKILLed and restarted: they reconnect, recover, and end with
+    nothing lost and nothing duplicated; every other check still passes."""
+    summary_path = tmp_path / "soak.json"
+    code, out = await run_soak("--duration", "20", "--redis-restart", "--redis-aof",
+                               "--recovering", "6", "--node-kill",
+                               "--json", str(summary_path), timeout=110)
+    assert code == 0, out
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    rec = summary["figures"]["recovering"]
+    assert rec["lost"] == 0 and rec["duplicated"] == 0 and rec["reported_lost"] == 0, rec
+    assert rec["published"] > 50 and rec["node_kills"] == 1, rec
+    assert rec["reconnects"] >= 3 and rec["recovered_joins"] >= 3, rec
+    print(json.dumps(rec))
+
+
 @pytest.mark.timeout(60)
 @ONE_LOOP  # a soak of the default loop keeps the suite short
 async def test_soak_exits_1_when_a_check_fails(tmp_path: Path) -> None:
