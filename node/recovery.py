@@ -8,15 +8,20 @@ Three parts, the first two without I/O:
   delivered. ``offer(env)`` answers what to deliver now: the next offset is delivered
   (with any held ones that follow it), an offset already passed is a duplicate (the own
   echo of a publish lands here) and is dropped, a later offset is held until the gap is
-  filled, and an envelope of another epoch means the room's history was lost: a ``Lost``
-  step, then the new epoch. ``fill(page)`` merges a history read into the stream; what
-  the read cannot supply becomes a ``Lost`` step with its reason.
+  filled, and an envelope of another epoch waits for a history read (the old epoch's
+  last messages and the new one's first may still be there). ``fill(page)`` merges a
+  history read into the stream: the rest of the old epoch, then, if the page is of
+  another epoch, a ``Lost`` step (reason epoch) just before the new epoch's first
+  message it holds, and the new epoch's messages; what the read cannot supply becomes a
+  ``Lost`` step with its reason.
 - ``PendingJoin`` is one joining member's view while its history is read: live messages
   are queued, then, once the ``joined`` frame is out, only those after the member's
   position are passed on, until the member has caught up with the tracker.
 - ``Catchup`` drives the tracker on the event loop: a gap not filled by pub/sub within
   ``grace`` seconds (or a hold grown past ``hold_max``) is read from the history, as is
-  every room whose subscription came back after a lost link (``resumed``).
+  every room whose subscription came back after a lost link (``resumed``) and every
+  room that saw a new epoch (at once; a read that finds a new epoch reads it again from
+  its start).
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ Step = Envelope | Lost
 class RoomStream:
     """One local room's place in its stream (see ``StreamTracker``)."""
 
-    __slots__ = ("early", "epoch", "failures", "held", "history", "offset", "reading",
-                 "recheck", "retired", "room", "started", "timer")
+    __slots__ = ("ahead", "early", "epoch", "failures", "held", "history", "offset",
+                 "reading", "recheck", "retired", "room", "started", "timer")
 
     def __init__(self, room: Room, history: History) -> None:
         self.room = room
@@ -80,6 +85,9 @@ class RoomStream:
         self.offset = 0
         self.held: dict[int, Envelope] = {}
         """Envelopes after a gap, by offset (all of ``epoch``)."""
+        self.ahead: list[Envelope] = []
+        """Envelopes of a newer epoch than ``epoch``, waiting for a read: the old epoch's
+        last messages and the new one's first may still be in the history."""
         self.early: list[Envelope] = []
         """Envelopes that came before ``start``."""
         self.retired: list[str] = []
@@ -150,10 +158,11 @@ class StreamTracker:
                 return [env]
             if env.epoch in stream.retired:
                 return []  # a late message of an epoch this room left
-            stream._retire(stream.epoch)
-            stream.epoch, stream.offset = env.epoch, offset
-            stream.held.clear()
-            return [Lost(Position(env.epoch, offset - 1), EPOCH), env]
+            # A new epoch: read the history before going on (what the old epoch still
+            # had, and the new one's first messages, may be there). Held like a gap.
+            if len(stream.ahead) < self.hold_max:
+                stream.ahead.append(env)
+            return []
         if offset == stream.offset + 1:
             stream.offset = offset
             if not stream.held:
@@ -183,17 +192,19 @@ class StreamTracker:
         if not stream.started or stream.epoch is None or page.epoch in stream.retired:
             return [], False
         epoch = stream.epoch
-        if page.epoch != epoch:
-            stream._retire(epoch)
-            stream.epoch, stream.offset = page.epoch, page.top
-            stream.held.clear()
-            return [Lost(page.position, EPOCH)], False
         held = stream.held
         for env in page.envelopes:
             if env.epoch == epoch and env.offset > stream.offset:
                 held.setdefault(env.offset, env)
         steps = self._drain(stream)
         filled = bool(steps)
+        if page.epoch != epoch:
+            # The rest of the old epoch is out (as far as the history kept it); the room
+            # goes on in the page's epoch, after a `lost` at its start.
+            steps.extend(self._next_epoch(stream, page.epoch, [
+                env for env in (*page.envelopes, *stream.ahead) if env.epoch == page.epoch
+            ], page.top))
+            return steps, False
         if stream.offset < page.top:
             # The page should have held everything up to its top: what it lacks is gone.
             reason = page.gap(Position(epoch, since)) or WINDOW
@@ -205,8 +216,38 @@ class StreamTracker:
             filled = False
         return steps, filled
 
+    def _next_epoch(
+        self, stream: RoomStream, epoch: str, envelopes: list[Envelope], top: int
+    ) -> list[Step]:
+        """Leave the stream's epoch for ``epoch``: `lost` just before the first of its
+        ``envelopes`` (or at ``top`` when there are none), then those in order; a gap
+        among them is `lost` too (``WINDOW``)."""
+        assert stream.epoch is not None
+        stream._retire(stream.epoch)
+        stream.held.clear()
+        ahead = [env for env in stream.ahead if env.epoch != epoch]
+        stream.ahead = [env for env in ahead if env.epoch not in stream.retired]
+        by_offset = {env.offset: env for env in envelopes}
+        start = min(by_offset) - 1 if by_offset else top
+        stream.epoch, stream.offset = epoch, start
+        steps: list[Step] = [Lost(Position(epoch, start), EPOCH)]
+        stream.held.update((o, env) for o, env in by_offset.items() if o > start)
+        steps.extend(self._drain(stream))
+        while stream.held and stream.offset < top:
+            skip_to = min(stream.held) - 1
+            stream.offset = skip_to
+            steps.append(Lost(Position(epoch, skip_to), WINDOW))
+            steps.extend(self._drain(stream))
+        return steps
+
     def give_up(self, stream: RoomStream, reason: str) -> list[Step]:
-        """The gap cannot be read: skip to the first held envelope."""
+        """The gap cannot be read: skip to the first held envelope (or go on in the
+        newer epoch that arrived meanwhile)."""
+        if stream.ahead and stream.epoch is not None and not stream.held:
+            epoch = stream.ahead[0].epoch
+            envelopes = [env for env in stream.ahead if env.epoch == epoch]
+            return self._next_epoch(stream, epoch, envelopes,
+                                    max(env.offset for env in envelopes))
         if not stream.held or stream.epoch is None:
             return []
         stream.offset = min(stream.held) - 1
@@ -353,7 +394,9 @@ class Catchup:
         steps = self.tracker.feed(stream, env)
         if steps:
             self._emit(stream.room, steps)
-        if stream.held and stream.timer is None and not stream.reading:
+        if stream.ahead and stream.timer is None and not stream.reading:
+            self._schedule(stream, 0.0)  # a new epoch: read at once
+        elif stream.held and stream.timer is None and not stream.reading:
             self._schedule(stream, 0.0 if len(stream.held) > self.tracker.hold_max
                            else self.grace)
         elif len(stream.held) > self.tracker.hold_max and stream.timer is not None:
@@ -403,15 +446,20 @@ class Catchup:
         again = False
         try:
             page = await self._read(stream.room, stream.history, since, self._limit)
+            if page.epoch != stream.epoch and since and page.epoch not in stream.retired:
+                # A new epoch may begin below ``since``: read its messages from the start.
+                since = 0
+                page = await self._read(stream.room, stream.history, since, self._limit)
         except BrokerError as exc:
             stream.failures = max(stream.failures, 0) + 1
             log.warning("could not read the history of room %r to fill a gap (attempt %d): "
                         "%s", stream.room, stream.failures, exc)
-            if self.tracker.rooms.get(stream.room) is stream and \
-                    len(stream.held) > 2 * self.tracker.hold_max:
+            if self.tracker.rooms.get(stream.room) is stream and (
+                    len(stream.held) > 2 * self.tracker.hold_max
+                    or len(stream.ahead) >= self.tracker.hold_max):
                 self._count(self.tracker.give_up(stream, UNAVAILABLE), False, stream)
             stream.reading = False
-            if stream.held and self.tracker.rooms.get(stream.room) is stream:
+            if (stream.held or stream.ahead) and self.tracker.rooms.get(stream.room) is stream:
                 delay = min(self.grace * 2 ** min(stream.failures, 16), RETRY_MAX)
                 self._schedule(stream, delay)
             return
@@ -426,7 +474,7 @@ class Catchup:
             return
         steps, filled = self.tracker.fill(stream, page, since)
         self._count(steps, filled, stream)
-        if again:
+        if again or stream.ahead:
             self._schedule(stream, 0.0)
         elif stream.held:
             self._schedule(stream, self.grace)

@@ -241,11 +241,6 @@ async def test_redis_restarted_with_aof_positions_continue_and_clients_recover()
                 exactly_once(member, "k", 200)
 
 
-@pytest.mark.xfail(reason=(
-    "hub-hist bug: node catch-up across an epoch change (node/recovery.py "
-    "StreamTracker.fill) jumps to the page's top and drops the new epoch's messages it "
-    "just read; members are told lost at the top instead of before the new epoch"),
-    strict=False)
 async def test_history_lost_while_the_link_was_down_new_epoch_messages_still_come() -> None:
     """The room's keys vanish (evicted, expired) while the nodes' pub/sub links are down
     and messages are published meanwhile, in a new epoch: once back, every member is
@@ -282,12 +277,6 @@ async def test_history_lost_while_the_link_was_down_new_epoch_messages_still_com
                 assert member.client.duplicates == 0
 
 
-@pytest.mark.xfail(reason=(
-    "hub-hist bug: a publish that timed out on a frozen Redis is delivered locally "
-    "without a position (PublishError path), and again with its position when Redis "
-    "thaws and runs the script it had already received: local members get it twice "
-    "(tests/e2e/test_faults.py::test_redis_frozen_* fail the same way with history on)"),
-    strict=False)
 async def test_redis_frozen_during_publishes_local_members_get_each_message_once() -> None:
     """Redis SIGSTOPped for 5 s (past the 2 s socket timeout) while a member sends: the
     publishes time out and are delivered on the sender's node at once; when Redis
@@ -358,11 +347,6 @@ async def test_node_killed_behind_haproxy_its_clients_recover_on_other_nodes() -
 # -- a Redis Cluster master failover ----------------------------------------------------
 
 
-@pytest.mark.xfail(reason=(
-    "hub-hist bug: node catch-up across an epoch change (node/recovery.py "
-    "StreamTracker.fill) jumps to the page's top and drops the new epoch's messages it "
-    "just read (published after the failover, all still in the history); members are "
-    "told lost at the top instead of at the start of the new epoch"), strict=False)
 async def test_cluster_master_failover_during_a_burst() -> None:
     """A 3-master cluster with replicas; the master of the room's slot is SIGKILLed
     during a burst and its replica promoted. A promoted replica may lack the writes the

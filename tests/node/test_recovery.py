@@ -73,14 +73,41 @@ def test_gap_is_held_then_drained_in_order() -> None:
     assert offsets(tracker.offer(env(4))) == [4]
 
 
-def test_epoch_change_is_lost_then_continues_and_old_epoch_is_dropped() -> None:
-    """Another epoch: Lost(new epoch, offset-1, 'epoch'), the envelope, and late
+def test_epoch_change_waits_for_a_read_then_is_lost_at_the_new_epochs_start() -> None:
+    """Another epoch arrives live: it waits for a history read, which delivers what the
+    old epoch still had, then Lost(new epoch, just before its first message, 'epoch')
+    and the new epoch's messages in order (those read and those that came live); late
     envelopes of the left epoch are dropped."""
-    tracker, _ = started(Position("e1", 5))
-    tracker.offer(env(7))  # held, then discarded with its epoch
-    assert offsets(tracker.offer(env(3, "e2"))) == [(Position("e2", 2), "epoch"), 3]
-    assert offsets(tracker.offer(env(6, "e1"))) == []
-    assert offsets(tracker.offer(env(4, "e2"))) == [4]
+    tracker, stream = started(Position("e1", 5))
+    tracker.offer(env(7))  # held: 6 is missing
+    assert offsets(tracker.offer(env(4, "e2"))) == []  # waits for the read
+    assert [e.offset for e in stream.ahead] == [4]
+    read = HistoryPage(ROOM, "e2", 4, (env(6), env(7), env(3, "e2"), env(4, "e2")), 5)
+    steps, _ = tracker.fill(stream, read, 5)
+    assert offsets(steps) == [6, 7, (Position("e2", 2), "epoch"), 3, 4]
+    assert stream.ahead == [] and stream.position == Position("e2", 4)
+    assert offsets(tracker.offer(env(8, "e1"))) == []
+    assert offsets(tracker.offer(env(5, "e2"))) == [5]
+
+
+def test_epoch_change_with_nothing_of_the_new_epoch_read_is_lost_at_its_top() -> None:
+    """A history that was lost whole (a restart without persistence): Lost at the new
+    epoch's top, then what follows it live."""
+    tracker, stream = started(Position("e1", 5))
+    tracker.offer(env(1, "e2"))
+    steps, _ = tracker.fill(stream, page(0, [], epoch="e2", since=5), 5)
+    assert offsets(steps) == [(Position("e2", 0), "epoch"), 1]
+    assert stream.position == Position("e2", 1)
+
+
+def test_give_up_on_a_new_epoch_goes_on_in_it() -> None:
+    """The history cannot be read after an epoch change: Lost before the first envelope
+    of the new epoch, then those that came."""
+    tracker, stream = started(Position("e1", 5))
+    tracker.offer(env(9, "e2"))
+    tracker.offer(env(10, "e2"))
+    assert offsets(tracker.give_up(stream, "unavailable")) == [
+        (Position("e2", 8), "epoch"), 9, 10]
 
 
 def test_envelopes_before_start_wait_for_the_first_position() -> None:
@@ -118,13 +145,13 @@ def test_fill_past_the_window_reports_lost_then_goes_on() -> None:
 
 
 def test_fill_past_the_limit_and_with_another_epoch() -> None:
-    """A page that is cut by the read limit: Lost(limit); a page of another epoch:
-    Lost(epoch) at its top."""
+    """A page that is cut by the read limit: Lost(limit); a page of another epoch: Lost
+    (epoch) before its first message, then its messages."""
     tracker, stream = started(Position("e1", 0))
     steps, _ = tracker.fill(stream, page(9, [8, 9], since=0, more=True), 0)
     assert offsets(steps) == [(Position("e1", 7), "limit"), 8, 9]
     steps, _ = tracker.fill(stream, page(3, [1, 2, 3], epoch="e2", since=9), 9)
-    assert offsets(steps) == [(Position("e2", 3), "epoch")]
+    assert offsets(steps) == [(Position("e2", 0), "epoch"), 1, 2, 3]
     assert offsets(tracker.offer(env(4, "e2"))) == [4]
 
 
