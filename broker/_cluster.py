@@ -84,6 +84,21 @@ def make_cluster_client(url: str, socket_timeout: float) -> RedisCluster:
         raise ValueError(f"invalid Redis Cluster URL {redact_url(url)}: {exc}") from None
 
 
+async def release_connections(client: RedisCluster, bound: float) -> None:
+    """Close every connection of ``client`` within ``2 * bound`` s, whatever its state.
+
+    ``aclose()`` alone does nothing while the client counts as not initialized: before
+    its first command, and again after an ``aclose()``, even when a slot-map read since
+    (``nodes_manager.initialize()``) connected to the nodes.
+    """
+    manager = client.nodes_manager
+    with contextlib.suppress(*REDIS_ERRORS):
+        async with asyncio.timeout(2 * bound):
+            await client.aclose()
+            await manager.aclose()
+            await manager.aclose("startup_nodes")
+
+
 class TopologyRefresher:
     """Refreshes the client's slot map (CLUSTER SLOTS) at most every 0.1 s, bounded in time."""
 
@@ -113,6 +128,12 @@ class TopologyRefresher:
                 self.refreshes += 1
             finally:
                 self._last = loop.time()
+                if self._closed:
+                    # closed meanwhile (a refresh that did not let go of a cancel):
+                    # what it connected would stay open
+                    await release_connections(self._client, self._timeout)
+            if self._closed:
+                raise RedisConnectionError(_CLOSED)
 
     def request(self) -> None:
         """Refresh in the background unless one is under way (after a failed command)."""
@@ -172,9 +193,7 @@ class ShardPipeliner:
             if self._closed:
                 # closed while reading the slot map: aclose() did nothing then (the
                 # client was not initialized yet); close what the reading opened
-                with contextlib.suppress(*REDIS_ERRORS):
-                    async with asyncio.timeout(2 * self._timeout):
-                        await self._client.aclose()
+                await release_connections(self._client, self._timeout)
                 raise RedisConnectionError(_CLOSED)
         node = master_of(self._client, route)
         queue = self._queues.get(node.name)
@@ -296,6 +315,4 @@ class ClusterTransport:
         await self._refresher.close()
         await self._subscriber.close()
         await self._pipeliner.close(self._timeout)
-        with contextlib.suppress(*REDIS_ERRORS):
-            async with asyncio.timeout(2 * self._timeout):
-                await self._client.aclose()
+        await release_connections(self._client, self._timeout)

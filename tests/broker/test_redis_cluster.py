@@ -274,3 +274,42 @@ async def test_a_publisher_closed_while_its_first_publish_reads_the_slot_map_lea
             await publishing
     assert publisher.published == 0
     await eventually(lambda: _named_connections(backend.local_cluster, name) == 0)
+
+
+@OWN_CLUSTER
+async def test_a_slot_map_read_that_outlives_close_leaves_no_connection(
+    own_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-subscription's slot-map read that ignores the cancel of close() and reads the
+    map once close() returned (the client closed) closes what it connected, and the
+    repair ends there. (Before the fix those connections stayed open: nobody closes a
+    client twice.)"""
+    assert own_backend.local_cluster is not None
+    name = f"leak-{own_backend.prefix}"
+    entered, release = asyncio.Event(), asyncio.Event()
+    read_slot_map = NodesManager.initialize
+
+    async def stuck(self: NodesManager, *args: Any, **kwargs: Any) -> None:
+        entered.set()
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+        await read_slot_map(self, *args, **kwargs)
+
+    a = await own_backend.node("a", socket_timeout=0.5,
+                               url=f"{own_backend.url}/?client_name={name}")
+    monkeypatch.setattr(NodesManager, "initialize", stuck)
+    own_backend.kill_pubsub_clients()  # the link is lost: the broker repairs, and sticks
+    try:
+        async with asyncio.timeout(5):
+            await entered.wait()
+        async with asyncio.timeout(CLOSE_BOUND):
+            await a.broker.close()
+    finally:
+        release.set()
+    assert a.broker._supervisor is not None
+    await asyncio.wait([a.broker._supervisor], timeout=5)
+    assert a.broker._supervisor.done()
+    await eventually(lambda: _named_connections(own_backend.local_cluster, name) == 0)
