@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from roomcast.broker import create_broker
 from roomcast.broker._cluster import ClusterTransport, TopologyRefresher
 from roomcast.broker._keys import Keys
+from roomcast.broker._transport import Listener
 from roomcast.broker._urls import parse_cluster_url
 from roomcast.shared.envelope import Kind
 from roomcast.shared.errors import PublishError
@@ -313,3 +314,33 @@ async def test_a_slot_map_read_that_outlives_close_leaves_no_connection(
     await asyncio.wait([a.broker._supervisor], timeout=5)
     assert a.broker._supervisor.done()
     await eventually(lambda: _named_connections(own_backend.local_cluster, name) == 0)
+
+
+@CLUSTER
+async def test_a_link_close_cancelled_while_its_reader_stops_still_closes_the_link(
+    backend: Backend,
+) -> None:
+    """A repair that closes a link it no longer needs can be cancelled by close() while
+    it waits for the link's reader to stop; the link's connection is closed all the
+    same (it is out of the subscriber's links by then: close() would not see it).
+    (Before the fix it stayed open until the garbage collector found it, loop closed.)"""
+    assert backend.local_cluster is not None
+    name = f"leak-{backend.prefix}"
+    transport = ClusterTransport(f"{backend.url}/?client_name={name}", socket_timeout=1.0,
+                                 health_check_interval=1.0)
+    subscriber = transport._subscriber
+    try:
+        await transport.start(Listener(lambda data: None, lambda channels, lost: None),
+                              [backend.keys.all_channel])
+        (link,) = subscriber._links.values()
+        closing = asyncio.create_task(subscriber._close_link(link))
+        await asyncio.sleep(0)  # one loop turn: it cancelled the reader and waits for it
+        assert not closing.done() and link.reader is not None
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(CLOSE_BOUND):
+                await closing
+        assert not link.conn.is_connected
+    finally:
+        await transport.close()
+    await eventually(lambda: _named_connections(backend.local_cluster, name) == 0)
