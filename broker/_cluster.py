@@ -56,6 +56,8 @@ _TOPOLOGY_ERRORS: Final = (
 _MIN_REFRESH_INTERVAL: Final = 0.1
 """Seconds between two slot-map refreshes, however many failures ask for one."""
 
+_CLOSED: Final = "the connection to Redis was closed"
+
 
 def make_cluster_client(url: str, socket_timeout: float) -> RedisCluster:
     """A RedisCluster for ``url``; no I/O until first used. Options in the URL win.
@@ -82,6 +84,21 @@ def make_cluster_client(url: str, socket_timeout: float) -> RedisCluster:
         raise ValueError(f"invalid Redis Cluster URL {redact_url(url)}: {exc}") from None
 
 
+async def release_connections(client: RedisCluster, bound: float) -> None:
+    """Close every connection of ``client`` within ``2 * bound`` s, whatever its state.
+
+    ``aclose()`` alone does nothing while the client counts as not initialized: before
+    its first command, and again after an ``aclose()``, even when a slot-map read since
+    (``nodes_manager.initialize()``) connected to the nodes.
+    """
+    manager = client.nodes_manager
+    with contextlib.suppress(*REDIS_ERRORS):
+        async with asyncio.timeout(2 * bound):
+            await client.aclose()
+            await manager.aclose()
+            await manager.aclose("startup_nodes")
+
+
 class TopologyRefresher:
     """Refreshes the client's slot map (CLUSTER SLOTS) at most every 0.1 s, bounded in time."""
 
@@ -95,12 +112,15 @@ class TopologyRefresher:
         self.refreshes = 0
 
     async def refresh(self) -> None:
-        """Re-read the slot map now (or after the minimum interval); raises REDIS_ERRORS."""
+        """Re-read the slot map now (or after the minimum interval); raises REDIS_ERRORS,
+        RedisConnectionError once closed (the closed client would connect again)."""
         loop = asyncio.get_running_loop()
         async with self._lock:
             wait = self._last + _MIN_REFRESH_INTERVAL - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
+            if self._closed:
+                raise RedisConnectionError(_CLOSED)
             try:
                 # each startup node is bounded by the socket timeouts; this bounds them all
                 async with asyncio.timeout(3 * self._timeout):
@@ -108,6 +128,12 @@ class TopologyRefresher:
                 self.refreshes += 1
             finally:
                 self._last = loop.time()
+                if self._closed:
+                    # closed meanwhile (a refresh that did not let go of a cancel):
+                    # what it connected would stay open
+                    await release_connections(self._client, self._timeout)
+            if self._closed:
+                raise RedisConnectionError(_CLOSED)
 
     def request(self) -> None:
         """Refresh in the background unless one is under way (after a failed command)."""
@@ -132,6 +158,10 @@ class ShardPipeliner:
     One batch in flight per master keeps the order of commands for one slot (a room's
     channel, the presence slot); a frozen or dead master delays and fails only its own
     commands. Every command of one ``execute`` call must hash to ``route``'s slot.
+
+    Once closed it sends nothing more, to any master: redis-py's ``RedisCluster`` is
+    not closed for good by ``aclose()``, a command after it opens new connections
+    that nobody closes.
     """
 
     def __init__(
@@ -141,6 +171,7 @@ class ShardPipeliner:
         self._timeout = timeout
         self._on_failure = on_failure
         self._queues: dict[str, _MasterQueue] = {}
+        self._closed = False
 
     @property
     def batches(self) -> int:
@@ -150,12 +181,20 @@ class ShardPipeliner:
     async def execute(self, route: str, *commands: Command) -> list[Any]:
         """Queue ``commands`` for the master of ``route``'s slot; their replies.
 
-        A reply may be an exception object. Raises what the whole batch failed with, or
-        SlotNotCoveredError when no master serves the slot.
+        A reply may be an exception object. Raises what the whole batch failed with,
+        SlotNotCoveredError when no master serves the slot, RedisConnectionError once
+        closed (a master without a queue yet included).
         """
+        if self._closed:
+            raise RedisConnectionError(_CLOSED)
         if not self._client.nodes_manager.slots_cache:  # first use: a Publisher is lazy
             async with asyncio.timeout(3 * self._timeout):
                 await self._client.initialize()
+            if self._closed:
+                # closed while reading the slot map: aclose() did nothing then (the
+                # client was not initialized yet); close what the reading opened
+                await release_connections(self._client, self._timeout)
+                raise RedisConnectionError(_CLOSED)
         node = master_of(self._client, route)
         queue = self._queues.get(node.name)
         if queue is None:
@@ -164,7 +203,9 @@ class ShardPipeliner:
         return await queue.pipeliner.execute(*commands)
 
     async def close(self, grace: float) -> None:
-        """Let queued batches go out for at most ``grace`` seconds, then stop."""
+        """Let queued batches go out for at most ``grace`` seconds, then stop; no new
+        master queue is made after this."""
+        self._closed = True
         await asyncio.gather(*(q.pipeliner.close(grace) for q in self._queues.values()))
 
 
@@ -274,6 +315,4 @@ class ClusterTransport:
         await self._refresher.close()
         await self._subscriber.close()
         await self._pipeliner.close(self._timeout)
-        with contextlib.suppress(*REDIS_ERRORS):
-            async with asyncio.timeout(2 * self._timeout):
-                await self._client.aclose()
+        await release_connections(self._client, self._timeout)

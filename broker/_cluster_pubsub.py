@@ -254,8 +254,12 @@ class ShardSubscriber:
         for channel in list(link.channels):
             if self._placed.get(channel) is link:
                 self._unplace(channel)
-        await stop_tasks([link.reader], self._socket_timeout)
-        await disconnect(link.conn)
+        try:
+            await stop_tasks([link.reader], self._socket_timeout)
+        finally:
+            # also when the caller is cancelled meanwhile (a repair stopped by close()):
+            # the link is out of ``_links`` already, nobody else would close it
+            await disconnect(link.conn)
 
     async def _settle(self, waiters: list[asyncio.Future[bool]]) -> list[bool]:
         if waiters:

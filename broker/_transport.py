@@ -264,7 +264,8 @@ async def read_replies(
 
     Sends PING after ``idle`` seconds without a reply, and raises TimeoutError when the
     PING is not answered within ``pong_wait``: a frozen server is detected, not waited for.
-    Raises what the connection raises, and whatever ``handle`` raises.
+    Raises what the connection raises, and whatever ``handle`` raises; never reconnects
+    ``conn`` (RedisConnectionError when it was disconnected under the reader).
     """
     loop = asyncio.get_running_loop()
     awaiting_pong = False
@@ -291,6 +292,10 @@ async def read_replies(
                 raise TimeoutError(
                     f"no answer to PING within {pong_wait} s; is {name} frozen?"
                 ) from None
+            if not conn.is_connected:
+                # closed under us (a close() that stopped waiting for this reader):
+                # redis-py would connect again for the PING, and nobody would close it
+                raise RedisConnectionError(f"the pub/sub link to {name} was closed") from None
             await conn.send_command("PING", check_health=False)
             awaiting_pong = True
 

@@ -1,6 +1,6 @@
 """RedisBroker's rules over a fake transport (no Redis): failing fast per part of Redis,
 skipping presence writes until a re-sync, repairing lost and moved subscriptions, and a
-bounded close; plus the Pipeliner and stop_tasks they rest on."""
+bounded close; plus the Pipeliner, stop_tasks and the pub/sub reader they rest on."""
 
 from __future__ import annotations
 
@@ -9,15 +9,24 @@ from collections.abc import Collection
 from typing import Any
 
 import pytest
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from roomcast.broker._scripts import HEARTBEAT, READ_MEMBERS, RESYNC
-from roomcast.broker._transport import Command, Listener, Pipeliner, stop_tasks
+from roomcast.broker._transport import (
+    Command,
+    Listener,
+    Pipeliner,
+    disconnect,
+    read_replies,
+    stop_tasks,
+)
 from roomcast.broker.redis import RedisBroker
 from roomcast.shared.envelope import Kind
 from roomcast.shared.errors import PublishError
 from roomcast.shared.ids import ConnectionId, NodeId, Room
 from tests.broker.helpers import Inbox, envelope, eventually
+from tests.redis_server import RedisServer
 
 R = Room("lobby")
 
@@ -408,3 +417,26 @@ async def test_stop_tasks_waits_a_bounded_time_and_never_swallows_its_own_cancel
             await stopper
     release.set()
     await stuck
+
+
+async def test_a_pubsub_reader_never_reconnects_a_link_closed_under_it(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle PING of a pub/sub reader whose connection was closed under it (a close()
+    that stopped waiting for the reader) raises "closed" instead of letting redis-py
+    connect again: nobody would ever close that connection. Real server: a reconnect
+    would succeed."""
+    conn = Connection(host="127.0.0.1", port=redis_server.port, socket_timeout=1.0)
+    await conn.connect()  # type: ignore[no-untyped-call]
+    await disconnect(conn)  # closed; the reader below waits on, as a late reader would
+    never = asyncio.Event()
+
+    async def silent(*args: Any, **kwargs: Any) -> Any:
+        await never.wait()
+
+    monkeypatch.setattr(conn, "read_response", silent)
+    with pytest.raises(RedisConnectionError, match="closed"):
+        async with asyncio.timeout(5):
+            await read_replies(conn, lambda reply: None, idle=0.05, pong_wait=1.0,
+                               name="the test server")
+    assert not conn.is_connected

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
+from redis.asyncio.cluster import NodesManager
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from roomcast.broker import create_broker
-from roomcast.broker._cluster import TopologyRefresher
+from roomcast.broker._cluster import ClusterTransport, TopologyRefresher
 from roomcast.broker._keys import Keys
+from roomcast.broker._transport import Listener
 from roomcast.broker._urls import parse_cluster_url
 from roomcast.shared.envelope import Kind
 from roomcast.shared.errors import PublishError
 from roomcast.shared.ids import Room
 from tests.broker.helpers import CLOSE_BOUND, Backend, envelope, eventually, sync_with
+from tests.redis_cluster import LocalRedisCluster
 
 CLUSTER = pytest.mark.parametrize("backend", ["cluster"], indirect=True)
 OWN_CLUSTER = pytest.mark.parametrize("own_backend", ["cluster"], indirect=True)
@@ -186,3 +191,156 @@ async def test_close_is_bounded_while_a_slot_map_refresh_never_lets_go(
     assert a.broker._supervisor is not None
     await asyncio.wait([a.broker._supervisor], timeout=5)
     assert a.broker._supervisor.done()  # once let go, it saw the broker closed and ended
+
+
+# -- nothing after close: redis-py's RedisCluster reconnects after aclose() -------------
+
+
+def _named_connections(cluster: LocalRedisCluster, name: str) -> int:
+    """Connections named ``name`` (CLIENT SETNAME) open on any master now."""
+    count = 0
+    for port in cluster.master_ports():
+        with cluster.client(port) as client:
+            count += sum(1 for c in client.client_list() if c["name"] == name)
+    return count
+
+
+def _routes_on_every_master(transport: ClusterTransport) -> list[str]:
+    """One route per master of the cluster (by the transport's slot map)."""
+    found: dict[str, str] = {}
+    for i in range(10_000):
+        found.setdefault(transport.failure_domain(f"r{i}"), f"r{i}")
+        if len(found) == 3:
+            return list(found.values())
+    raise AssertionError("no route found for some master")
+
+
+@CLUSTER
+async def test_a_closed_cluster_transport_sends_nothing_and_leaves_no_connection(
+    backend: Backend,
+) -> None:
+    """After close(), a command for any master (one never used before too) and a repair
+    raise "closed" and open nothing: the closed RedisCluster would re-read the slot map
+    and connect again on the next command (redis-py's aclose() is not final), leaving
+    connections nobody closes. (Before the fix a master without a queue yet got a new
+    one and the command went out: the leaked connection CI's ResourceWarning caught.)"""
+    assert backend.local_cluster is not None
+    name = f"leak-{backend.prefix}"
+    transport = ClusterTransport(f"{backend.url}/?client_name={name}", socket_timeout=1.0,
+                                 health_check_interval=1.0)
+    try:
+        assert await transport.execute("r0", ("PING",)) == [True]  # one master's queue
+        routes = _routes_on_every_master(transport)
+        assert _named_connections(backend.local_cluster, name) >= 1
+    finally:
+        await transport.close()
+    for route in routes:
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await transport.execute(route, ("PING",))
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await transport.repair()
+    await eventually(lambda: _named_connections(backend.local_cluster, name) == 0)
+    nodes = transport._client.nodes_manager
+    for node in (*nodes.nodes_cache.values(), *nodes.startup_nodes.values()):
+        assert not any(c.is_connected for c in node._connections), node.name
+
+
+@CLUSTER
+async def test_a_publisher_closed_while_its_first_publish_reads_the_slot_map_leaks_nothing(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Publisher connects on first use. Closed while that first publish still reads
+    the slot map (when redis-py's aclose() does nothing: the client is not initialized
+    yet), the publish fails with PublishError, nothing is sent, and every connection the
+    reading opened is closed."""
+    assert backend.local_cluster is not None
+    name = f"leak-{backend.prefix}"
+    entered, proceed = asyncio.Event(), asyncio.Event()
+    read_slot_map = NodesManager.initialize
+
+    async def held(self: NodesManager, *args: Any, **kwargs: Any) -> None:
+        entered.set()
+        await proceed.wait()
+        await read_slot_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(NodesManager, "initialize", held)
+    publisher = backend.publisher(url=f"{backend.url}/?client_name={name}")
+    publishing = asyncio.create_task(publisher.publish_to_room("lobby", "never"))
+    async with asyncio.timeout(CLOSE_BOUND):
+        await entered.wait()
+        await publisher.close()
+    proceed.set()  # the slot map is read now, after close()
+    with pytest.raises(PublishError, match="closed"):
+        async with asyncio.timeout(CLOSE_BOUND):
+            await publishing
+    assert publisher.published == 0
+    await eventually(lambda: _named_connections(backend.local_cluster, name) == 0)
+
+
+@OWN_CLUSTER
+async def test_a_slot_map_read_that_outlives_close_leaves_no_connection(
+    own_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-subscription's slot-map read that ignores the cancel of close() and reads the
+    map once close() returned (the client closed) closes what it connected, and the
+    repair ends there. (Before the fix those connections stayed open: nobody closes a
+    client twice.)"""
+    assert own_backend.local_cluster is not None
+    name = f"leak-{own_backend.prefix}"
+    entered, release = asyncio.Event(), asyncio.Event()
+    read_slot_map = NodesManager.initialize
+
+    async def stuck(self: NodesManager, *args: Any, **kwargs: Any) -> None:
+        entered.set()
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+        await read_slot_map(self, *args, **kwargs)
+
+    a = await own_backend.node("a", socket_timeout=0.5,
+                               url=f"{own_backend.url}/?client_name={name}")
+    monkeypatch.setattr(NodesManager, "initialize", stuck)
+    own_backend.kill_pubsub_clients()  # the link is lost: the broker repairs, and sticks
+    try:
+        async with asyncio.timeout(5):
+            await entered.wait()
+        async with asyncio.timeout(CLOSE_BOUND):
+            await a.broker.close()
+    finally:
+        release.set()
+    assert a.broker._supervisor is not None
+    await asyncio.wait([a.broker._supervisor], timeout=5)
+    assert a.broker._supervisor.done()
+    await eventually(lambda: _named_connections(own_backend.local_cluster, name) == 0)
+
+
+@CLUSTER
+async def test_a_link_close_cancelled_while_its_reader_stops_still_closes_the_link(
+    backend: Backend,
+) -> None:
+    """A repair that closes a link it no longer needs can be cancelled by close() while
+    it waits for the link's reader to stop; the link's connection is closed all the
+    same (it is out of the subscriber's links by then: close() would not see it).
+    (Before the fix it stayed open until the garbage collector found it, loop closed.)"""
+    assert backend.local_cluster is not None
+    name = f"leak-{backend.prefix}"
+    transport = ClusterTransport(f"{backend.url}/?client_name={name}", socket_timeout=1.0,
+                                 health_check_interval=1.0)
+    subscriber = transport._subscriber
+    try:
+        await transport.start(Listener(lambda data: None, lambda channels, lost: None),
+                              [backend.keys.all_channel])
+        (link,) = subscriber._links.values()
+        closing = asyncio.create_task(subscriber._close_link(link))
+        await asyncio.sleep(0)  # one loop turn: it cancelled the reader and waits for it
+        assert not closing.done() and link.reader is not None
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(CLOSE_BOUND):
+                await closing
+        assert not link.conn.is_connected
+    finally:
+        await transport.close()
+    await eventually(lambda: _named_connections(backend.local_cluster, name) == 0)
