@@ -257,6 +257,8 @@ class Client(asyncio.Protocol):
         """The server's handshake response (status line and headers)."""
         self.buf = b""
         self.frames = 0
+        self.reads = 0
+        """``data_received`` calls: frames / reads shows how many frames a write held."""
         self.compressed = 0
         self.last = 0.0
         self.transport: asyncio.Transport | None = None
@@ -285,6 +287,7 @@ class Client(asyncio.Protocol):
             if not self.sio:
                 self.ready.set_result(None)
         now = time.perf_counter()
+        self.reads += 1
         buf = self.buf + data if self.buf else data
         pos, end = 0, len(buf)
         frames = 0

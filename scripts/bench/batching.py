@@ -1,0 +1,272 @@
+"""Write batching: node CPU per delivery and latency with ``--write-delay-ms`` vs none.
+
+Three measurements, one run:
+
+1. **The send floor**: a tight loop of 66-byte ``send()`` calls on loopback TCP (the
+   frame of a 64-byte message), each to the next of ``--floor-sockets`` connections
+   whose readers run in another process; CPU (user+sys) of the sending process per
+   send. A node that writes once per message per member cannot go below it. The same
+   loop with ``--floor-batch`` frames joined into each send shows the cost per frame
+   once writes carry several.
+2. **Dense** (when it pays): ``--members`` members of one room over 2 roomcast nodes, a
+   publisher on the first node sends ``--rate`` stamped messages of 64 B a second for
+   ``--seconds``; every member receives each one. One cluster without a delay and one
+   with ``--write-delay-ms`` are up at once and take turns, ``--rounds`` times. Reports
+   delivered/expected, node CPU µs per delivery (median of rounds), frames per client
+   read (how many frames a write carried), and publish-to-receipt latency on the other
+   node (p50/p99/max).
+3. **Sparse** (when it does not): ``--sparse-rooms`` rooms of 2 members (one on each
+   node), each room getting one message a second for ``--seconds``: a connection gets
+   at most one message per delay, so there is nothing to collect and the delay only
+   adds latency.
+
+    python scripts/bench/batching.py [--delay 10] [--members 200] [--rate 500]
+                                     [--seconds 5] [--rounds 2] [--sparse-rooms 100]
+                                     [--loop asyncio|uvloop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import resource
+import selectors
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import _lib
+import inbound
+
+FRAME = b"\x81\x40" + b"x" * 64
+"""A 64-byte text frame from a server: 66 bytes on the wire."""
+
+
+# -- the send floor ----------------------------------------------------------------------
+
+
+def send_floor(sockets: int = 200, passes: int = 500, frames_per_send: int = 1) -> float:
+    """CPU µs per frame of ``passes`` rounds of one send to each of ``sockets`` loopback
+    TCP connections, ``frames_per_send`` 66-byte frames in each send."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    senders: list[socket.socket] = []
+    readers: list[socket.socket] = []
+    try:
+        for _ in range(sockets):
+            client = socket.create_connection(("127.0.0.1", port))
+            server, _ = listener.accept()
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            senders.append(server)
+            readers.append(client)
+    finally:
+        listener.close()
+    pid = os.fork()
+    if pid == 0:  # the readers: drain every connection until all are closed
+        try:
+            for sock in senders:
+                sock.close()
+            sel = selectors.DefaultSelector()
+            for sock in readers:
+                sel.register(sock, selectors.EVENT_READ)
+            open_count = len(readers)
+            while open_count:
+                for key, _ in sel.select():
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if not sock.recv(65536):
+                        sel.unregister(sock)
+                        sock.close()
+                        open_count -= 1
+        finally:
+            os._exit(0)
+    for sock in readers:
+        sock.close()
+    data = FRAME * frames_per_send
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        for _ in range(passes):
+            for sock in senders:
+                sock.send(data)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        for sock in senders:
+            sock.close()
+        os.waitpid(pid, 0)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu / (passes * sockets * frames_per_send) * 1e6
+
+
+# -- the workloads -----------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """Every round of one variant together."""
+
+    name: str
+    expected: int = 0
+    delivered: int = 0
+    reads: int = 0
+    rounds_us: list[float] = field(default_factory=list)
+    remote: list[float] = field(default_factory=list)
+    """Publish-to-receipt seconds on the node the publisher is not on."""
+    local: list[float] = field(default_factory=list)
+
+    @property
+    def us_per_delivery(self) -> float:
+        return statistics.median(self.rounds_us) if self.rounds_us else float("inf")
+
+    @property
+    def frames_per_read(self) -> float:
+        return self.delivered / self.reads if self.reads else float("nan")
+
+
+@dataclass
+class _Setup:
+    cluster: _lib.Cluster
+    clients: list[_lib.Client]
+    publishers: list[_lib.Client]
+    remote: list[float]
+    local: list[float]
+
+
+async def _round(setup: _Setup, result: Result, per_message: int, rate: float,
+                 seconds: float) -> None:
+    """``rate`` messages a second for ``seconds``, the publishers taking turns; each
+    message reaches ``per_message`` members."""
+    clients, publishers = setup.clients, setup.publishers
+    for c in clients:
+        c.frames = c.reads = 0
+    setup.remote.clear()
+    setup.local.clear()
+    count = int(rate * seconds)
+    loop = asyncio.get_running_loop()
+    cpu0 = setup.cluster.cpu()
+    start = loop.time()
+    for i in range(count):
+        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+        publishers[i % len(publishers)].send_message(_lib.stamp_payload(64))
+    delivered = await _lib.wait_for_count(clients, count * per_message, stall=2.0)
+    cpu = setup.cluster.cpu() - cpu0
+    result.expected += count * per_message
+    result.delivered += delivered
+    result.reads += sum(c.reads for c in clients)
+    result.rounds_us.append(cpu / delivered * 1e6 if delivered else float("inf"))
+    result.remote += setup.remote
+    result.local += setup.local
+    await asyncio.sleep(0.5)
+
+
+async def run(variants: dict[str, list[str]], *, rooms: int, per_room: int, rate: float,
+              seconds: float, rounds: int) -> list[Result]:
+    """Start a cluster per variant (extra node arguments), ``rooms`` rooms of
+    ``per_room`` members split over the 2 nodes (the first member of each room, on the
+    first node, publishes), then ``rounds`` rounds with the variants taking turns."""
+    setups: dict[str, _Setup] = {}
+    results = {name: Result(name) for name in variants}
+    with contextlib.ExitStack() as stack:
+        for name, extra in variants.items():
+            cluster = stack.enter_context(_lib.Cluster("roomcast",
+                                                       extra=[*_lib.KEEPALIVE, *extra]))
+            remote: list[float] = []
+            local: list[float] = []
+            clients: list[_lib.Client] = []
+            publishers: list[_lib.Client] = []
+            first = (per_room + 1) // 2
+            for r in range(rooms):
+                room = f"room{r}"
+                here = await _lib.connect("roomcast", cluster.ports[0], first, room,
+                                          stamps=local)
+                stack.callback(_lib.close_all, here)
+                there = await _lib.connect("roomcast", cluster.ports[1], per_room - first,
+                                           room, stamps=remote)
+                stack.callback(_lib.close_all, there)
+                publishers.append(here[0])
+                clients += here + there
+            setups[name] = _Setup(cluster, clients, publishers, remote, local)
+        await asyncio.sleep(1.0)  # let subscriptions and presence settle
+        names = list(variants)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                await _round(setups[name], results[name], per_room, rate, seconds)
+    return [results[name] for name in variants]
+
+
+def _ms(values: list[float], q: float) -> str:
+    return f"{_lib.percentile(values, q) * 1e3:.1f}"
+
+
+def table(results: list[Result], floor: float) -> None:
+    base = results[0]
+    print("| variant | delivered / expected | CPU µs per delivery (median; rounds) | "
+          "vs no delay | vs send floor | frames per client read | p50 ms | p99 ms | "
+          "max ms | same node p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        rounds = ", ".join(f"{u:.2f}" for u in r.rounds_us)
+        print(f"| {r.name} | {r.delivered:,} / {r.expected:,} | **{r.us_per_delivery:.2f}** "
+              f"({rounds}) | {r.us_per_delivery / base.us_per_delivery:.2f}x | "
+              f"{r.us_per_delivery / floor:.2f}x | {r.frames_per_read:.1f} | "
+              f"{_ms(r.remote, 0.5)} | {_ms(r.remote, 0.99)} | "
+              f"{max(r.remote, default=float('nan')) * 1e3:.1f} | "
+              f"{_ms(r.local, 0.5)} / {_ms(r.local, 0.99)} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--delay", type=int, default=10, help="--write-delay-ms to compare")
+    parser.add_argument("--members", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=500, help="dense: messages per second")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sparse-rooms", type=int, default=100,
+                        help="sparse: rooms of 2 members, 1 message/s each (0: skip)")
+    parser.add_argument("--floor-sockets", type=int, default=200)
+    parser.add_argument("--floor-batch", type=int, default=10)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = parser.parse_args()
+    load0 = os.getloadavg()
+    floor = statistics.median(send_floor(args.floor_sockets) for _ in range(3))
+    floor_batched = statistics.median(send_floor(args.floor_sockets,
+                                                 frames_per_send=args.floor_batch)
+                                      for _ in range(3))
+    loop = ["--loop", args.loop]
+    variants = {"no delay": loop,
+                f"delay {args.delay} ms": [*loop, "--write-delay-ms", str(args.delay)]}
+    dense = asyncio.run(run(variants, rooms=1, per_room=args.members, rate=args.rate,
+                            seconds=args.seconds, rounds=args.rounds))
+    sparse = (asyncio.run(run(variants, rooms=args.sparse_rooms, per_room=2,
+                              rate=args.sparse_rooms, seconds=args.seconds,
+                              rounds=args.rounds)) if args.sparse_rooms else [])
+    load1 = os.getloadavg()
+    print(f"# write batching, {time.strftime('%Y-%m-%d %H:%M %Z')}\n")
+    print(f"Commit {inbound.revision()}. Machine: {_lib.machine()}; event loop of the nodes: "
+          f"{args.loop}. Load average (1/5/15 min) {load0[0]:.2f} / {load0[1]:.2f} / "
+          f"{load0[2]:.2f} before, {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f} after.")
+    print(f"\nSend floor: {floor:.2f} µs of CPU per 66-byte loopback send (tight loop over "
+          f"{args.floor_sockets} connections, median of 3); {floor_batched:.2f} µs per frame "
+          f"with {args.floor_batch} frames in each send.")
+    print(f"\n### Dense: {args.members} members over 2 nodes, {args.rate:g} msg/s of 64 B for "
+          f"{args.seconds:g} s ({args.rate * args.members:,.0f} deliveries/s), "
+          f"{args.rounds} rounds\n")
+    table(dense, floor)
+    base, batched = dense[0], dense[1]
+    ratio = batched.us_per_delivery / base.us_per_delivery
+    print(f"\nCPU per delivery with the delay: {ratio:.2f}x of no delay (target <= 0.40x), "
+          f"{batched.us_per_delivery / floor:.2f}x the send "
+          f"floor (target < 1). p99 {_ms(batched.remote, 0.99)} ms vs "
+          f"{_ms(base.remote, 0.99)} ms + 12 (target). Loss: "
+          f"{sum(r.expected - r.delivered for r in dense):,} deliveries.")
+    if sparse:
+        print(f"\n### Sparse: {args.sparse_rooms} rooms of 2 members (one per node), 1 msg/s "
+              f"each for {args.seconds:g} s, {args.rounds} rounds\n")
+        table(sparse, floor)
+
+
+if __name__ == "__main__":
+    main()
