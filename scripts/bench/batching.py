@@ -22,7 +22,9 @@ Three measurements, one run:
 
     python scripts/bench/batching.py [--delay 10] [--members 200] [--rate 500]
                                      [--seconds 5] [--rounds 2] [--sparse-rooms 100]
-                                     [--loop asyncio|uvloop]
+                                     [--loops asyncio,uvloop]
+
+Every variant runs on each event loop of ``--loops`` (both by default), in one run.
 """
 
 from __future__ import annotations
@@ -201,14 +203,20 @@ def _ms(values: list[float], q: float) -> str:
     return f"{_lib.percentile(values, q) * 1e3:.1f}"
 
 
+def _base(results: list[Result], r: Result) -> Result:
+    """The no-delay result on the loop of ``r``."""
+    loop = r.name.split(",")[0]
+    return next(b for b in results if b.name == f"{loop}, no delay")
+
+
 def table(results: list[Result], floor: float) -> None:
-    base = results[0]
     print("| variant | delivered / expected | CPU µs per delivery (median; rounds) | "
           "vs no delay | vs send floor | frames per client read | p50 ms | p99 ms | "
           "max ms | same node p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         rounds = ", ".join(f"{u:.2f}" for u in r.rounds_us)
+        base = _base(results, r)
         print(f"| {r.name} | {r.delivered:,} / {r.expected:,} | **{r.us_per_delivery:.2f}** "
               f"({rounds}) | {r.us_per_delivery / base.us_per_delivery:.2f}x | "
               f"{r.us_per_delivery / floor:.2f}x | {r.frames_per_read:.1f} | "
@@ -228,16 +236,22 @@ def main() -> None:
                         help="sparse: rooms of 2 members, 1 message/s each (0: skip)")
     parser.add_argument("--floor-sockets", type=int, default=200)
     parser.add_argument("--floor-batch", type=int, default=10)
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--loops", default="asyncio,uvloop",
+                        help="event loops of the nodes, each variant on each")
     args = parser.parse_args()
+    loops = args.loops.split(",")
+    if not loops or set(loops) - {"asyncio", "uvloop"}:
+        parser.error("--loops: a comma-separated subset of asyncio,uvloop")
     load0 = os.getloadavg()
     floor = statistics.median(send_floor(args.floor_sockets) for _ in range(3))
     floor_batched = statistics.median(send_floor(args.floor_sockets,
                                                  frames_per_send=args.floor_batch)
                                       for _ in range(3))
-    loop = ["--loop", args.loop]
-    variants = {"no delay": loop,
-                f"delay {args.delay} ms": [*loop, "--write-delay-ms", str(args.delay)]}
+    variants: dict[str, list[str]] = {}
+    for loop in loops:
+        variants[f"{loop}, no delay"] = ["--loop", loop]
+        variants[f"{loop}, delay {args.delay} ms"] = ["--loop", loop, "--write-delay-ms",
+                                                     str(args.delay)]
     dense = asyncio.run(run(variants, rooms=1, per_room=args.members, rate=args.rate,
                             seconds=args.seconds, rounds=args.rounds))
     sparse = (asyncio.run(run(variants, rooms=args.sparse_rooms, per_room=2,
@@ -245,8 +259,8 @@ def main() -> None:
                               rounds=args.rounds)) if args.sparse_rooms else [])
     load1 = os.getloadavg()
     print(f"# write batching, {time.strftime('%Y-%m-%d %H:%M %Z')}\n")
-    print(f"Commit {inbound.revision()}. Machine: {_lib.machine()}; event loop of the nodes: "
-          f"{args.loop}. Load average (1/5/15 min) {load0[0]:.2f} / {load0[1]:.2f} / "
+    print(f"Commit {inbound.revision()}. Machine: {_lib.machine()}; event loops of the "
+          f"nodes: {', '.join(loops)}. Load average (1/5/15 min) {load0[0]:.2f} / {load0[1]:.2f} / "
           f"{load0[2]:.2f} before, {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f} after.")
     print(f"\nSend floor: {floor:.2f} µs of CPU per 66-byte loopback send (tight loop over "
           f"{args.floor_sockets} connections, median of 3); {floor_batched:.2f} µs per frame "
@@ -255,13 +269,17 @@ def main() -> None:
           f"{args.seconds:g} s ({args.rate * args.members:,.0f} deliveries/s), "
           f"{args.rounds} rounds\n")
     table(dense, floor)
-    base, batched = dense[0], dense[1]
-    ratio = batched.us_per_delivery / base.us_per_delivery
-    print(f"\nCPU per delivery with the delay: {ratio:.2f}x of no delay (target <= 0.40x), "
-          f"{batched.us_per_delivery / floor:.2f}x the send "
-          f"floor (target < 1). p99 {_ms(batched.remote, 0.99)} ms vs "
-          f"{_ms(base.remote, 0.99)} ms + 12 (target). Loss: "
-          f"{sum(r.expected - r.delivered for r in dense):,} deliveries.")
+    print()
+    for batched in dense:
+        if batched.name.endswith("no delay"):
+            continue
+        base = _base(dense, batched)
+        ratio = batched.us_per_delivery / base.us_per_delivery
+        print(f"- {batched.name}: CPU per delivery {ratio:.2f}x of no delay (target <= 0.40x), "
+              f"{batched.us_per_delivery / floor:.2f}x the send floor (target < 1); p99 "
+              f"{_ms(batched.remote, 0.99)} ms vs {_ms(base.remote, 0.99)} ms without the "
+              f"delay (target: at most 12 ms more).")
+    print(f"- Loss: {sum(r.expected - r.delivered for r in dense):,} deliveries.")
     if sparse:
         print(f"\n### Sparse: {args.sparse_rooms} rooms of 2 members (one per node), 1 msg/s "
               f"each for {args.seconds:g} s, {args.rounds} rounds\n")
