@@ -10,8 +10,10 @@ Three measurements, one run:
    once writes carry several.
 2. **Dense** (when it pays): ``--members`` members of one room over 2 roomcast nodes, a
    publisher on the first node sends ``--rate`` stamped messages of 64 B a second for
-   ``--seconds``; every member receives each one. One cluster without a delay and one
-   with ``--write-delay-ms`` are up at once and take turns, ``--rounds`` times. Reports
+   ``--seconds`` (each rate of ``--rate`` in turn: at the second, lower one no variant
+   is saturated, so latencies compare); every member receives each one. One cluster
+   without a delay and one with ``--write-delay-ms`` (per event loop of ``--loops``) are
+   up at once and take turns, ``--rounds`` times. Reports
    delivered/expected, node CPU µs per delivery (median of rounds), frames per client
    read (how many frames a write carried), and publish-to-receipt latency on the other
    node (p50/p99/max).
@@ -20,8 +22,8 @@ Three measurements, one run:
    at most one message per delay, so there is nothing to collect and the delay only
    adds latency.
 
-    python scripts/bench/batching.py [--delay 10] [--members 200] [--rate 500]
-                                     [--seconds 5] [--rounds 2] [--sparse-rooms 100]
+    python scripts/bench/batching.py [--delay 10] [--members 200] [--rate 500,100]
+                                     [--seconds 5] [--rounds 2] [--sparse-rooms 200]
                                      [--loops asyncio,uvloop]
 
 Every variant runs on each event loop of ``--loops`` (both by default), in one run.
@@ -229,10 +231,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--delay", type=int, default=10, help="--write-delay-ms to compare")
     parser.add_argument("--members", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=500, help="dense: messages per second")
+    parser.add_argument("--rate", default="500,100",
+                        help="dense: messages per second, comma-separated for several runs "
+                             "(a lower rate compares latency where no variant is saturated)")
     parser.add_argument("--seconds", type=float, default=5.0, help="per round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--sparse-rooms", type=int, default=100,
+    parser.add_argument("--sparse-rooms", type=int, default=200,
                         help="sparse: rooms of 2 members, 1 message/s each (0: skip)")
     parser.add_argument("--floor-sockets", type=int, default=200)
     parser.add_argument("--floor-batch", type=int, default=10)
@@ -252,8 +256,10 @@ def main() -> None:
         variants[f"{loop}, no delay"] = ["--loop", loop]
         variants[f"{loop}, delay {args.delay} ms"] = ["--loop", loop, "--write-delay-ms",
                                                      str(args.delay)]
-    dense = asyncio.run(run(variants, rooms=1, per_room=args.members, rate=args.rate,
-                            seconds=args.seconds, rounds=args.rounds))
+    rates = [float(r) for r in args.rate.split(",")]
+    dense = {rate: asyncio.run(run(variants, rooms=1, per_room=args.members, rate=rate,
+                                   seconds=args.seconds, rounds=args.rounds))
+             for rate in rates}
     sparse = (asyncio.run(run(variants, rooms=args.sparse_rooms, per_room=2,
                               rate=args.sparse_rooms, seconds=args.seconds,
                               rounds=args.rounds)) if args.sparse_rooms else [])
@@ -265,25 +271,31 @@ def main() -> None:
     print(f"\nSend floor: {floor:.2f} µs of CPU per 66-byte loopback send (tight loop over "
           f"{args.floor_sockets} connections, median of 3); {floor_batched:.2f} µs per frame "
           f"with {args.floor_batch} frames in each send.")
-    print(f"\n### Dense: {args.members} members over 2 nodes, {args.rate:g} msg/s of 64 B for "
-          f"{args.seconds:g} s ({args.rate * args.members:,.0f} deliveries/s), "
+    for rate, results in dense.items():
+        _dense_report(args, rate, results, floor)
+    if sparse:
+        print(f"\n### Sparse: {args.sparse_rooms} rooms of 2 members (one per node), 1 msg/s "
+              f"each for {args.seconds:g} s, {args.rounds} rounds\n")
+        table(sparse, floor)
+
+
+def _dense_report(args: argparse.Namespace, rate: float, results: list[Result],
+                  floor: float) -> None:
+    print(f"\n### Dense: {args.members} members over 2 nodes, {rate:g} msg/s of 64 B for "
+          f"{args.seconds:g} s ({rate * args.members:,.0f} deliveries/s), "
           f"{args.rounds} rounds\n")
-    table(dense, floor)
+    table(results, floor)
     print()
-    for batched in dense:
+    for batched in results:
         if batched.name.endswith("no delay"):
             continue
-        base = _base(dense, batched)
+        base = _base(results, batched)
         ratio = batched.us_per_delivery / base.us_per_delivery
         print(f"- {batched.name}: CPU per delivery {ratio:.2f}x of no delay (target <= 0.40x), "
               f"{batched.us_per_delivery / floor:.2f}x the send floor (target < 1); p99 "
               f"{_ms(batched.remote, 0.99)} ms vs {_ms(base.remote, 0.99)} ms without the "
               f"delay (target: at most 12 ms more).")
-    print(f"- Loss: {sum(r.expected - r.delivered for r in dense):,} deliveries.")
-    if sparse:
-        print(f"\n### Sparse: {args.sparse_rooms} rooms of 2 members (one per node), 1 msg/s "
-              f"each for {args.seconds:g} s, {args.rounds} rounds\n")
-        table(sparse, floor)
+    print(f"- Loss: {sum(r.expected - r.delivered for r in results):,} deliveries.")
 
 
 if __name__ == "__main__":
