@@ -182,13 +182,15 @@ async def run(variants: dict[str, list[str]], *, rooms: int, per_room: int, rate
             clients: list[_lib.Client] = []
             publishers: list[_lib.Client] = []
             first = (per_room + 1) // 2
-            for r in range(rooms):
-                room = f"room{r}"
-                here = await _lib.connect("roomcast", cluster.ports[0], first, room,
-                                          stamps=local)
+            sides = await asyncio.gather(*(
+                _lib.connect("roomcast", port, count, f"room{r}", stamps=stamps,
+                             concurrency=50)
+                for r in range(rooms)
+                for port, count, stamps in ((cluster.ports[0], first, local),
+                                            (cluster.ports[1], per_room - first, remote))
+            ))
+            for here, there in zip(sides[::2], sides[1::2], strict=True):
                 stack.callback(_lib.close_all, here)
-                there = await _lib.connect("roomcast", cluster.ports[1], per_room - first,
-                                           room, stamps=remote)
                 stack.callback(_lib.close_all, there)
                 publishers.append(here[0])
                 clients += here + there
