@@ -399,3 +399,24 @@ async def test_a_raw_client_sees_the_batch_as_one_read(make_node: MakeNode) -> N
         assert conn.state is ConnectionState.OPEN
     finally:
         sock.close()
+
+
+@ASYNCIO_ONLY
+async def test_a_direct_send_that_fills_the_batch_is_written_at_once(
+    make_node: MakeNode,
+) -> None:
+    """``Connection.send_text`` (the enqueue path) also writes a batch that reached the
+    cap at once, with what was collected before it, in order."""
+    node = await make_node(write_delay_ms=LONG_DELAY, write_batch_bytes=100)
+    writes = Writes()
+    async with aiohttp.ClientSession() as session:
+        client = await session.ws_connect(node.base + "/ws")
+        conn = await asyncio.wait_for(node.opened.get(), 5)
+        writes.watch(conn)
+        await conn.send_text("small")
+        assert writes.calls.get(conn.id) == []  # waits for the delay
+        await conn.send_text("b" * 120)
+        assert writes.calls[conn.id] == [text_frame("small") + text_frame("b" * 120)]
+        assert (await client.receive(timeout=WAIT)).data == "small"
+        assert (await client.receive(timeout=WAIT)).data == "b" * 120
+        await client.close()
