@@ -321,6 +321,11 @@ class ConnectionCore:
         return self._unsent
 
     @property
+    def batching(self) -> bool:
+        """True if frames may wait longer than a turn (a write delay, with its cap)."""
+        return self._batch_cap != NO_CAP
+
+    @property
     def has_output(self) -> bool:
         """True if frames wait for the next write."""
         return self._out is not None

@@ -30,9 +30,15 @@ from roomcast.shared.config import (
     MAX_WRITE_DELAY_MS,
     HubConfig,
 )
-from roomcast.shared.frames import MessageReader, PreparedMessage, parse_frame, text_frame
+from roomcast.shared.frames import (
+    MessageReader,
+    PreparedMessage,
+    build_frame,
+    parse_frame,
+    text_frame,
+)
 from roomcast.shared.ids import ConnectionId
-from roomcast.shared.rfc6455 import CloseCode
+from roomcast.shared.rfc6455 import CloseCode, Opcode
 from tests.node import test_write_path
 from tests.node.test_write_path import ASYNCIO_ONLY, ROOM, Node, Writes, raw_client
 
@@ -419,4 +425,39 @@ async def test_a_direct_send_that_fills_the_batch_is_written_at_once(
         assert writes.calls[conn.id] == [text_frame("small") + text_frame("b" * 120)]
         assert (await client.receive(timeout=WAIT)).data == "small"
         assert (await client.receive(timeout=WAIT)).data == "b" * 120
+        await client.close()
+
+
+@ASYNCIO_ONLY
+async def test_a_message_from_the_client_does_not_cut_its_batch_short(
+    make_node: MakeNode, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reading from a client writes its batch only when the client pinged (the pong goes
+    out at once, after the frames before it); otherwise the batch waits for the timer."""
+    from roomcast.node.asyncio_protocol import WebSocketProtocol
+
+    reads: asyncio.Queue[None] = asyncio.Queue()
+    real = WebSocketProtocol._received
+
+    def received(self: WebSocketProtocol, events: Any) -> None:
+        real(self, events)
+        reads.put_nowait(None)
+
+    monkeypatch.setattr(WebSocketProtocol, "_received", received)
+    node = await make_node(write_delay_ms=LONG_DELAY)
+    writes = Writes()
+    async with aiohttp.ClientSession() as session:
+        client = await session.ws_connect(node.base + "/ws", autoping=False)
+        conn = await asyncio.wait_for(node.opened.get(), 5)
+        writes.watch(conn)
+        await node.hub.broadcast_to_room(ROOM, "batched")
+        await client.send_str("hello")
+        await asyncio.wait_for(reads.get(), WAIT)
+        assert writes.calls[conn.id] == []
+        await client.ping(b"p")
+        await asyncio.wait_for(reads.get(), WAIT)
+        assert writes.calls[conn.id] == [
+            text_frame("batched") + build_frame(Opcode.PONG, b"p")]
+        assert (await client.receive(timeout=WAIT)).data == "batched"
+        assert (await client.receive(timeout=WAIT)).type is aiohttp.WSMsgType.PONG
         await client.close()
