@@ -156,10 +156,12 @@ class WebSocketProtocol(asyncio.Protocol):
     # -- events ----------------------------------------------------------------------
 
     def _received(self, events: list[tuple[Opcode, bytes | str]]) -> None:
-        """Hand what the core returned to the callbacks; write what it queued."""
+        """Hand what the core returned to the callbacks; write what it queued (with a
+        write delay, only for a ping: other frames wait for the hub's timer)."""
         conn = self._conn
         handler = self._handler
         stats = self._owner.stats
+        pinged = False
         for opcode, payload in events:
             if opcode is _TEXT or opcode is _BINARY:
                 stats.messages_in += 1
@@ -171,6 +173,7 @@ class WebSocketProtocol(asyncio.Protocol):
                     mtype = _TEXT_MESSAGE if opcode is _TEXT else _BINARY_MESSAGE
                     self._queue(handler.on_message, Message(payload, mtype))
             elif opcode is _PING:
+                pinged = True
                 if handler.on_ping is not None:
                     self._queue(handler.on_ping, payload)
             elif opcode is _PONG and handler.on_pong is not None:
@@ -183,8 +186,8 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._queue(handler.on_error, error)
         if conn.ending:
             conn.settle()  # the close handshake, a fault, or a pong that cut it off
-        elif conn.has_output:
-            conn.flush()  # pongs
+        elif conn.has_output and (pinged or not conn.batching):
+            conn.flush()  # pongs; a batch without one waits for the hub's timer
 
     # -- handing events to the callbacks ---------------------------------------------
 

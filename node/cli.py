@@ -31,6 +31,8 @@ from roomcast.shared.config import (
     DEFAULT_PONG_TIMEOUT_MS,
     DEFAULT_RECOVERY_MAX,
     DEFAULT_SEND_BUFFER_LIMIT,
+    DEFAULT_WRITE_BATCH_BYTES,
+    MAX_WRITE_DELAY_MS,
     HubConfig,
 )
 from roomcast.shared.errors import BrokerError
@@ -62,6 +64,13 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise ValueError("must be 0-65535")
+    return value
+
+
+def _write_delay(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_WRITE_DELAY_MS:
+        raise ValueError(f"must be 0 (no delay) to {MAX_WRITE_DELAY_MS} milliseconds")
     return value
 
 
@@ -210,6 +219,14 @@ _SERVE_OPTIONS = [
     _Option("--send-buffer-limit", "ROOMCAST_SEND_BUFFER_LIMIT", _positive,
             DEFAULT_SEND_BUFFER_LIMIT,
             "unsent bytes per connection before it is cut off as a slow consumer (1013)"),
+    _Option("--write-delay-ms", "ROOMCAST_WRITE_DELAY_MS", _write_delay, 0,
+            "collect each client's messages for up to this long and write them in one "
+            "system call (less CPU per message, up to this much more latency); 0 writes "
+            "once per event-loop turn"),
+    _Option("--write-batch-bytes", "ROOMCAST_WRITE_BATCH_BYTES", _positive,
+            DEFAULT_WRITE_BATCH_BYTES,
+            "with --write-delay-ms, a client's batch is written early once it holds this "
+            "many bytes"),
     _Option("--compression", "ROOMCAST_COMPRESSION", _bool, False,
             "negotiate permessage-deflate with clients that offer it",
             nargs="?", const="true"),
@@ -335,6 +352,8 @@ def build_config(values: dict[str, Any]) -> HubConfig:
         send_buffer_limit=values["send_buffer_limit"],
         history=build_history(values),
         recovery_max=values["recovery_max"],
+        write_delay_ms=values["write_delay_ms"],
+        write_batch_bytes=values["write_batch_bytes"],
     )
 
 

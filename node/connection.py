@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from roomcast.node.core import CUT_OFF, WRITE, ConnectionCore, ConnectionState
+from roomcast.node.core import CUT_OFF, FULL, NO_CAP, WRITE, ConnectionCore, ConnectionState
 from roomcast.node.limits import apply_rate_limit
 from roomcast.node.v1 import message_frame
 from roomcast.shared.frames import MessageReader, PreparedMessage, build_frame
@@ -69,7 +69,9 @@ class Connection(ConnectionCore):
         since: Mapping[Room, Position] | None = None,
         previous: ConnectionId | None = None,
     ) -> None:
-        super().__init__(conn_id, reader, hub.config.send_buffer_limit)
+        config = hub.config
+        super().__init__(conn_id, reader, config.send_buffer_limit,
+                         config.write_batch_bytes if config.write_delay_ms else NO_CAP)
         self.protocol: Final = protocol
         """``"roomcast.v1"`` when the client asked for it (messages are framed, with
         rooms and positions), None for a raw connection (messages as sent)."""
@@ -205,11 +207,14 @@ class Connection(ConnectionCore):
         self.enqueue(message.frame_for(self.wbits))
 
     def enqueue(self, frame: bytes) -> None:
-        """Queue frame bytes for this turn's write, or cut the connection off if the
-        bytes it holds are over the limit (see ``node.core``)."""
+        """Queue frame bytes for this turn's write (or the write delay's), write at once
+        if the batch reached its cap, or cut the connection off if the bytes it holds
+        are over the limit (see ``node.core``)."""
         code = self.push(frame)
         if code == WRITE:
             self._write_soon(self)
+        elif code == FULL:
+            self.flush()
         elif code == CUT_OFF:
             self.settle()
 

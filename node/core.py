@@ -11,6 +11,7 @@ drives it with plain values.
 In                                          Out
 ``receive(data, limit, now)`` peer bytes    the events they complete; ``error``
 ``push(frame)`` a frame to send             ``WRITE``: have the connection flushed;
+                                            ``FULL``: flush it now (batch at its cap);
                                             ``CUT_OFF``: it was cut off (see below)
 ``begin_close(code, reason)`` our close     ``take_output()``: the bytes to write now
 ``begin_abort(code, reason)`` end at once   ``ending``, ``close_transport``,
@@ -36,10 +37,16 @@ one message: a message of any size reaches a client that reads, and a client tha
 not read holds at most the limit plus one message. The core counts what it handed out
 as unsent, an upper bound; only when that bound is over the limit does it ask for the
 real count (``unsent_now``, which the I/O layer answers from its transport).
+
+Write batching (``HubConfig.write_delay_ms``): the I/O layer may wait longer than a turn
+before ``take_output``; frames keep collecting in the one batch meanwhile, and once the
+batch holds ``batch_bytes`` (``HubConfig.write_batch_bytes``) ``push`` answers ``FULL``:
+write it now. Without a cap (the default, no delay) ``FULL`` never comes.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from enum import Enum
 from typing import Final, TypeVar
@@ -73,6 +80,10 @@ CUT_OFF: Final = 2
 """``push`` refused the frame: the connection is cut off as a slow consumer."""
 PONG_OVERDUE: Final = 3
 """``keepalive``: no pong within the timeout: abort with 1011."""
+FULL: Final = 4
+"""``push``: the frame is queued and the batch reached its cap: write it now."""
+NO_CAP: Final = sys.maxsize
+"""``batch_bytes`` of a connection whose batch has no cap (no write delay)."""
 
 # How far the closing handshake is (``ConnectionCore._ending``).
 _NOT_ENDING: Final = 0
@@ -112,6 +123,7 @@ class ConnectionCore:
 
     __slots__ = (
         "_awaiting_pong",
+        "_batch_cap",
         "_close_code",
         "_close_reason",
         "_ending",
@@ -129,8 +141,8 @@ class ConnectionCore:
         "wbits",
     )
 
-    def __init__(self, conn_id: ConnectionId, reader: MessageReader, send_buffer_limit: int
-                 ) -> None:
+    def __init__(self, conn_id: ConnectionId, reader: MessageReader, send_buffer_limit: int,
+                 batch_bytes: int = NO_CAP) -> None:
         self.id: Final = conn_id
         self.state = ConnectionState.CONNECTING
         self.wbits = 0
@@ -143,6 +155,8 @@ class ConnectionCore:
         """Set by the I/O layer while it does not read the socket (callbacks lag)."""
         self._reader = reader
         self._limit = send_buffer_limit
+        self._batch_cap = batch_bytes
+        """Bytes of queued frames at which ``push`` answers ``FULL``."""
         self._out: bytes | list[bytes] | None = None
         """Frames queued since the last write: None, one frame, or a list of frames."""
         self._out_size = 0
@@ -277,7 +291,8 @@ class ConnectionCore:
         """Queue ``frame`` (ready-made bytes, perhaps shared by many connections).
 
         ``WRITE`` if it is the first frame since the last write, ``NOTHING`` if it waits
-        behind others (or the connection is not open and it was dropped), ``CUT_OFF`` if
+        behind others (or the connection is not open and it was dropped), ``FULL`` if it
+        is queued and the frames now waiting hold ``batch_bytes`` or more, ``CUT_OFF`` if
         the bytes held before it are over the limit: then the frame is refused, the
         connection is aborted with 1013 "slow consumer" and only its close frame waits.
         """
@@ -293,17 +308,22 @@ class ConnectionCore:
         out = self._out
         if out is None:
             self._out = frame
-            return WRITE
+            return WRITE if self._out_size < self._batch_cap else FULL
         if isinstance(out, list):
             out.append(frame)
         else:
             self._out = [out, frame]
-        return NOTHING
+        return NOTHING if self._out_size < self._batch_cap else FULL
 
     def unsent_now(self) -> int:
         """Bytes written and not yet sent. The core knows only an upper bound (what it
         handed out); the I/O layer overrides this with its transport's own count."""
         return self._unsent
+
+    @property
+    def batching(self) -> bool:
+        """True if frames may wait longer than a turn (a write delay, with its cap)."""
+        return self._batch_cap != NO_CAP
 
     @property
     def has_output(self) -> bool:
@@ -436,21 +456,22 @@ def deliver(
     exclude: str | None,
     compressed: bool,
     dirty: list[C],
-    cut_off: list[C],
+    settle: list[C],
 ) -> int:
     """Queue a broadcast's frame for every open member but ``exclude``; how many got it.
 
     Every member gets the same bytes object (one per deflate window with compression
     on): nothing is copied and no task or coroutine is made per member. Members whose
     first frame of the turn this is go to ``dirty`` (flush them at the end of the turn),
-    members it cut off to ``cut_off`` (report them and write their close frame).
+    members it cut off, and members whose batch it brought to the cap, to ``settle``
+    (write them now; report those cut off and write their close frame).
     """
     count = 0
     if compressed:
         frame_for = prepared.frame_for
         for conn in members:
             if conn.state is _OPEN and conn.id != exclude:
-                count += _push(conn, frame_for(conn.wbits), dirty, cut_off)
+                count += _push(conn, frame_for(conn.wbits), dirty, settle)
         return count
     frame = prepared.frame
     size = len(frame)
@@ -464,7 +485,10 @@ def deliver(
                 if conn._unsent <= conn._limit:
                     conn._out = frame
                     conn._out_size = size
-                    dirty.append(conn)
+                    if size < conn._batch_cap:
+                        dirty.append(conn)
+                    else:
+                        settle.append(conn)
                     count += 1
                     continue
             elif conn._out_size + conn._unsent <= conn._limit:
@@ -473,20 +497,24 @@ def deliver(
                     out.append(frame)
                 else:
                     conn._out = [out, frame]
+                if conn._out_size >= conn._batch_cap:
+                    settle.append(conn)
                 count += 1
                 continue
-            count += _push(conn, frame, dirty, cut_off)  # asks for the real unsent count
+            count += _push(conn, frame, dirty, settle)  # asks for the real unsent count
     return count
 
 
-def _push(conn: C, frame: bytes, dirty: list[C], cut_off: list[C]) -> int:
+def _push(conn: C, frame: bytes, dirty: list[C], settle: list[C]) -> int:
     """``conn.push(frame)`` for ``deliver``: 1 if queued, 0 if it cut ``conn`` off."""
     code = conn.push(frame)
     if code == CUT_OFF:
-        cut_off.append(conn)
+        settle.append(conn)
         return 0
     if code == WRITE:
         dirty.append(conn)
+    elif code == FULL:
+        settle.append(conn)
     return 1
 
 

@@ -2,7 +2,8 @@
 
 Every broadcast is framed once (``PreparedMessage``) and the same bytes are queued for
 each local member; one envelope goes to the broker for the members on other nodes.
-Queued frames are written once per event-loop turn. There is no task per recipient.
+Queued frames are written once per event-loop turn (or, with ``HubConfig.write_delay_ms``,
+once per delay). There is no task per recipient.
 
 A connection that asked for the ``roomcast.v1`` subprotocol gets every message in a v1
 frame (``node.v1``): a broadcast is framed once for the plain members and once for the
@@ -31,6 +32,7 @@ from roomcast.node.auth import Auth, AuthRefused, RoomForbidden, arm_expiry
 from roomcast.node.connection import Connection
 from roomcast.node.core import (
     CUT_OFF,
+    FULL,
     NOTHING,
     OPENING_ERROR_REASON,
     PONG_OVERDUE,
@@ -117,6 +119,9 @@ class Hub:
         self._seq = 0
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
+        self._write_delay = self.config.write_delay
+        self._flush_timer: asyncio.TimerHandle | None = None
+        """The pending flush while ``HubConfig.write_delay_ms`` batches writes."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._started = False
@@ -829,16 +834,15 @@ class Hub:
         as a slow consumer gets its close frame at once, and the frame is not counted.
         """
         dirty = self._dirty
-        cut_off: list[Connection] = []
+        settle: list[Connection] = []
         count = deliver(members, prepared, exclude, self.config.enable_compression, dirty,
-                        cut_off)
+                        settle)
         if dirty and not self._flush_scheduled:
-            self._flush_scheduled = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_all)
+            self._arm_flush()
         stats = self.stats
         stats.messages_out += count
         stats.bytes_out += count * len(prepared.payload)
-        for conn in cut_off:
+        for conn in settle:  # cut off, or its batch reached write_batch_bytes
             conn.settle()
 
     def _deliver_all(self, prepared: PreparedMessage, exclude: str | None) -> None:
@@ -968,16 +972,30 @@ class Hub:
         """``conn`` has its first frame of this turn queued: write it when the turn ends."""
         self._dirty.append(conn)
         if not self._flush_scheduled:
-            self._flush_scheduled = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_all)
+            self._arm_flush()
+
+    def _arm_flush(self) -> None:
+        """Have ``_flush_all`` run at the end of this turn, or after the write delay: one
+        timer for the whole hub, armed by the first frame after a flush."""
+        self._flush_scheduled = True
+        loop = self._loop or asyncio.get_running_loop()
+        delay = self._write_delay
+        if delay:
+            self._flush_timer = loop.call_later(delay, self._flush_all)
+        else:
+            loop.call_soon(self._flush_all)
 
     def _flush_all(self) -> None:
         """Write every connection's queued frames: one write per connection per turn.
 
         Scheduled with ``call_soon`` by the first frame of a turn, so everything queued
-        while the current batch of callbacks and I/O events runs leaves together.
+        while the current batch of callbacks and I/O events runs leaves together; with a
+        write delay, with ``call_later``, so everything queued within the delay does.
         """
         self._flush_scheduled = False
+        if self._flush_timer is not None:  # called early (close): the timer is not needed
+            self._flush_timer.cancel()
+            self._flush_timer = None
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
@@ -1002,6 +1020,8 @@ class Hub:
                     continue
                 if code == WRITE:
                     self._schedule_flush(conn)
+                elif code == FULL:
+                    conn.flush()
                 elif code == CUT_OFF:
                     conn.settle()
                 elif code == PONG_OVERDUE:

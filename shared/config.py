@@ -14,6 +14,8 @@ DEFAULT_PING_INTERVAL_MS: Final = 30_000
 DEFAULT_PONG_TIMEOUT_MS: Final = 10_000
 DEFAULT_SEND_BUFFER_LIMIT: Final = 1024 * 1024
 DEFAULT_RECOVERY_MAX: Final = 1000
+DEFAULT_WRITE_BATCH_BYTES: Final = 64 * 1024
+MAX_WRITE_DELAY_MS: Final = 1000
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -52,6 +54,8 @@ class HubConfig:
     send_buffer_limit: int = DEFAULT_SEND_BUFFER_LIMIT
     history: HistoryPolicy | None = None
     recovery_max: int = DEFAULT_RECOVERY_MAX
+    write_delay_ms: int = 0
+    write_batch_bytes: int = DEFAULT_WRITE_BATCH_BYTES
 
     def __post_init__(self) -> None:
         for name in (
@@ -61,8 +65,15 @@ class HubConfig:
             "pong_timeout_ms",
             "send_buffer_limit",
             "recovery_max",
+            "write_batch_bytes",
         ):
             _positive_int(name, getattr(self, name))
+        delay = self.write_delay_ms
+        if isinstance(delay, bool) or not isinstance(delay, int):
+            raise TypeError(f"HubConfig.write_delay_ms must be an int, got {type(delay).__name__}")
+        if not 0 <= delay <= MAX_WRITE_DELAY_MS:
+            raise ValueError(f"HubConfig.write_delay_ms must be 0 (no delay) to "
+                             f"{MAX_WRITE_DELAY_MS}, got {delay}")
         if not isinstance(self.enable_compression, bool):
             raise TypeError("HubConfig.enable_compression must be a bool")
         origins = self.allowed_origins
@@ -83,6 +94,11 @@ class HubConfig:
     def pong_timeout(self) -> float:
         """The pong timeout in seconds."""
         return self.pong_timeout_ms / 1000
+
+    @property
+    def write_delay(self) -> float:
+        """The write delay in seconds (0: one write per event-loop turn)."""
+        return self.write_delay_ms / 1000
 
 
 def _normalise_origin(origin: object) -> str:

@@ -38,6 +38,7 @@ SERVERS = {
     "roomcast": BENCH / "roomcast_node.py",
     "reference": BENCH / "reference_node.py",
     "socketio": BENCH / "socketio_node.py",
+    "socketio-node": BENCH / "socketio_js_node.py",
 }
 if os.environ.get("BENCH_BEFORE"):
     # An older checkout (with this roomcast_node.py copied in) as the server "before",
@@ -89,7 +90,12 @@ def machine() -> str:
 
 @dataclass
 class Cluster:
-    """``nodes`` server processes of one kind, sharing one private redis-server."""
+    """``nodes`` server processes of one kind, sharing one private redis-server.
+
+    A roomcast server name may end in ``@asyncio`` or ``@uvloop``: its nodes run on that
+    event loop (``roomcast`` alone runs on the default of ``roomcast serve``: uvloop when
+    it is installed), so every workload can take both side by side.
+    """
 
     server: str
     nodes: int = 2
@@ -118,12 +124,14 @@ class Cluster:
             if self.redis:
                 self.redis_server = RedisServer().start()
                 url = self.redis_server.url
+            kind, _, loop = self.server.partition("@")
+            loop_args = ["--loop", loop] if loop else []
             for _ in range(self.nodes):
                 port = free_port()
-                cmd = [sys.executable, str(SERVERS[self.server]), "--port", str(port),
-                       "--redis", url, *self.extra]
+                cmd = [sys.executable, str(SERVERS[kind]), "--port", str(port),
+                       "--redis", url, *loop_args, *self.extra]
                 env = None
-                if self.server == "before":
+                if kind == "before":
                     # else the installed roomcast (this tree) would be what runs
                     env = {**os.environ, "PYTHONPATH": _before_pythonpath(
                         Path(os.environ["BENCH_BEFORE"]))}
@@ -257,6 +265,8 @@ class Client(asyncio.Protocol):
         """The server's handshake response (status line and headers)."""
         self.buf = b""
         self.frames = 0
+        self.reads = 0
+        """``data_received`` calls: frames / reads shows how many frames a write held."""
         self.compressed = 0
         self.last = 0.0
         self.transport: asyncio.Transport | None = None
@@ -285,6 +295,7 @@ class Client(asyncio.Protocol):
             if not self.sio:
                 self.ready.set_result(None)
         now = time.perf_counter()
+        self.reads += 1
         buf = self.buf + data if self.buf else data
         pos, end = 0, len(buf)
         frames = 0
@@ -367,8 +378,13 @@ class Client(asyncio.Protocol):
             self.ready.set_exception(ConnectionError("closed during the handshake"))
 
 
+def speaks_socketio(server: str) -> bool:
+    """True for the Socket.IO servers (python-socketio, socket.io on Node.js)."""
+    return server.startswith("socketio")
+
+
 def path_for(server: str, room: str) -> str:
-    if server == "socketio":
+    if speaks_socketio(server):
         return f"/socket.io/?EIO=4&transport=websocket&room={room}"
     return f"/bench?room={room}"
 
@@ -384,7 +400,7 @@ async def connect(server: str, port: int, count: int, room: str, *,
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
     path = path or path_for(server, room)
-    sio = server == "socketio"
+    sio = speaks_socketio(server)
 
     async def one(i: int) -> Client:
         async with sem:

@@ -116,7 +116,7 @@ def report(results: list[FanoutResult]) -> None:
         print(f"{r.server:<18}{f'{r.delivered}/{r.expected}':>22}{r.rate:>15,.0f}"
               f"{r.us_per_delivery:>18.2f}  {rounds}")
     by = {r.server: r for r in results}
-    for other in ("reference", "socketio"):
+    for other in ("reference", "socketio", "socketio-node"):
         if other in by and "roomcast" in by:
             ratio = by[other].us_per_delivery / by["roomcast"].us_per_delivery
             print(f"{other} CPU per delivery = {ratio:.2f} x roomcast")

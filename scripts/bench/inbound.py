@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 
 import _lib
 
-SERVERS = ("roomcast", "reference", "socketio", "roomcast+deflate", "reference+deflate")
+SERVERS = ("roomcast", "reference", "socketio", "socketio-node", "roomcast+deflate",
+           "reference+deflate")
 SIZES = (64, 16 * 1024)
 CHUNK = 64 * 1024
 """Bytes of frames a client hands to one ``transport.write`` (at least one frame)."""
@@ -119,7 +120,7 @@ def deflate(payload: bytes) -> bytes:
 def client_frame(kind: str, size: int, compressed: bool) -> bytes:
     """The masked frame every client of ``kind`` sends, built once."""
     payload = text_payload(size)
-    if kind == "socketio":
+    if _lib.speaks_socketio(kind):
         payload = b'42["sink","' + payload + b'"]'
     if compressed:
         return _lib.masked(deflate(payload), rsv1=True)
@@ -230,7 +231,7 @@ async def run(servers: Sequence[str], clients: int = 200, messages: int = 500,
               sizes: Sequence[int] = SIZES, rounds: int = 3) -> list[InboundResult]:
     """Start a node per server, then send bursts into each in turn, ``rounds`` times;
     results ordered by size, then server."""
-    if any(s.startswith("socketio+") for s in servers):
+    if any(_lib.speaks_socketio(s) and "+" in s for s in servers):
         raise ValueError("socketio+deflate is not supported (the client does not inflate "
                          "Engine.IO's compressed handshake)")
     results = {(s, size): InboundResult(s, size) for size in sizes for s in servers}
@@ -243,7 +244,7 @@ async def run(servers: Sequence[str], clients: int = 200, messages: int = 500,
             if compressed and kind == "roomcast":
                 extra.append("--compression")
             cluster = stack.enter_context(_lib.Cluster(kind, nodes=1, extra=extra))
-            path = None if kind == "socketio" else "/sink"
+            path = None if _lib.speaks_socketio(kind) else "/sink"
             conns = await _lib.connect(kind, cluster.ports[0], clients, "sink",
                                        deflate=compressed, path=path)
             stack.callback(_lib.close_all, conns)

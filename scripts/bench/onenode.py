@@ -90,7 +90,7 @@ async def run(server: str, idle: int = 10_000, capacity: int = 0, hold: float = 
             result.big_expected = big_messages * len(clients)
             result.big_receipt_ms = [s * 1e3 for s in stamps]
             timings = node.stats().get("broadcast_seconds", [])
-            if server != "socketio" and isinstance(timings, list):
+            if not _lib.speaks_socketio(server) and isinstance(timings, list):
                 result.big_in_node_ms = [t * 1e3 for t in timings[-big_messages:]]
 
             # 3. capacity: keep connecting in steps until the target or a failure

@@ -9,6 +9,10 @@ With ``--sink``, /sink is a route whose handler only counts the messages it gets
 room, no broadcast), for the inbound benchmark; /stats then also gives that count
 (``sink_messages``), when it last moved (``sink_last``, ``time.perf_counter``) and the
 worst event-loop lag since the last read (``sink_lag``, seconds): see ``Sink``.
+
+``--write-delay-ms``/``--write-batch-bytes`` set write batching (``HubConfig``);
+``--loop auto|asyncio|uvloop`` picks the event loop (``auto``, as ``roomcast serve``:
+uvloop when it is installed).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from _sink import Sink
 
 from roomcast.broker import create_broker
 from roomcast.node import Connection, EventHandler, Hub, HubConfig, Message, get_hub
+from roomcast.node.cli import LOOPS, new_event_loop, resolve_loop
 
 TIMINGS: list[float] = []
 _STARTED: list[float] = []
@@ -91,10 +96,15 @@ def main() -> None:
     parser.add_argument("--ping-interval", type=float, default=30.0)
     parser.add_argument("--sink", action="store_true",
                         help="serve /sink, whose handler only counts messages")
+    parser.add_argument("--write-delay-ms", type=int, default=0)
+    parser.add_argument("--write-batch-bytes", type=int, default=64 * 1024)
+    parser.add_argument("--loop", choices=LOOPS, default="auto")
     args = parser.parse_args()
     config = HubConfig(max_connections=200_000, enable_compression=args.compression,
                        send_buffer_limit=16 * 1024 * 1024,
-                       ping_interval_ms=int(args.ping_interval * 1000))
+                       ping_interval_ms=int(args.ping_interval * 1000),
+                       write_delay_ms=args.write_delay_ms,
+                       write_batch_bytes=args.write_batch_bytes)
     app = web.Application()
     hub = Hub(config, broker=create_broker(args.redis or None, prefix="bench"))
     instrument(hub)
@@ -105,7 +115,7 @@ def main() -> None:
         app.router.add_get("/sink", hub.route(SINK))
         Sink.enabled = True
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None,
-                backlog=4096)
+                backlog=4096, loop=new_event_loop(resolve_loop(args.loop)))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@
     python scripts/bench/run.py --only fanout,latency --servers roomcast,reference
     python scripts/bench/run.py --only inbound --servers roomcast,reference,socketio
 
-Servers: roomcast (scripts/bench/roomcast_node.py), the minimal reference node
-(reference_node.py: aiohttp + Redis, frame encoded once, one write per message per
-member) and python-socketio with AsyncRedisManager on aiohttp (socketio_node.py). Each
+Servers: roomcast (scripts/bench/roomcast_node.py, on the event loop ``roomcast serve``
+picks by default: uvloop when installed), roomcast@asyncio (the same on asyncio's loop;
+``@uvloop`` also works), the minimal reference node (reference_node.py: aiohttp + Redis,
+frame encoded once, one write per message per member), python-socketio with
+AsyncRedisManager on aiohttp (socketio_node.py) and socket.io 4 on Node.js with
+@socket.io/redis-adapter (socketio-node: socketio_js_node.py, which installs the npm
+packages into a cache directory on first use; needs node and npm). Each
 cluster gets its own private redis-server; every process started is stopped at the end.
 The load generator is this process (raw frames over asyncio); node CPU is read from
 /proc. Prints Markdown tables with the ratios; paste them into docs/benchmarks.md.
@@ -83,7 +87,8 @@ def onenode_table(results: list[onenode.OneNodeResult], ping: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--servers", default="roomcast,reference,socketio")
+    parser.add_argument("--servers",
+                        default="roomcast,roomcast@asyncio,reference,socketio,socketio-node")
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated subset of {', '.join(WORKLOADS)}")
     parser.add_argument("--quick", action="store_true")
