@@ -548,7 +548,10 @@ def test_dockerfile_build_context_has_what_the_package_needs(tmp_path: Path) -> 
             assert (project / folder / source.name).is_file(), source
     for package, files in setuptools_cfg.get("package-data", {}).items():
         for name in files:
-            assert (project / folders[package] / name).is_file(), f"{package}/{name}"
+            # a glob (static/*) must match at least one file, as setuptools reads it
+            found = [p for p in (project / folders[package]).glob(name) if p.is_file()]
+            expected = [p for p in (REPO / folders[package]).glob(name) if p.is_file()]
+            assert found and len(found) == len(expected), f"{package}/{name}"
     assert not list(project.rglob("__pycache__"))
 
 
@@ -566,6 +569,7 @@ def test_dockerfile_build_context_packages_the_command_and_the_page(tmp_path: Pa
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (lib / "roomcast" / "node" / "chat.html").is_file()
+    assert (lib / "roomcast" / "node" / "static" / "roomcast.js").is_file()
     for package in PYPROJECT["tool"]["setuptools"]["packages"]:
         assert (lib / package.replace(".", "/") / "__init__.py").is_file(), package
     entry_points = (meta / "roomcast.egg-info" / "entry_points.txt").read_text()
