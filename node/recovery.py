@@ -126,13 +126,19 @@ class StreamTracker:
 
     def start(self, stream: RoomStream, position: Position | None) -> list[Step]:
         """The room's first read gave ``position`` (None: it failed): deliver from there,
-        beginning with the envelopes that arrived before."""
+        beginning with the envelopes that arrived before — all of them, also those the
+        read already counted (they came after the room was subscribed)."""
         if stream.started:
             return []
         stream.started = True
+        early, stream.early = stream.early, []
         if position is not None:
             stream.epoch, stream.offset = position.epoch, position.offset
-        early, stream.early = stream.early, []
+            # What came on the channel came after the subscription, so after every
+            # member here joined: it is theirs even if the read (made later) counts it.
+            offsets = [env.offset for env in early if env.epoch == position.epoch]
+            if offsets:
+                stream.offset = min(stream.offset, min(offsets) - 1)
         steps: list[Step] = []
         for env in early:
             steps.extend(self.feed(stream, env))

@@ -485,6 +485,24 @@ async def test_live_messages_during_the_join_read_are_neither_lost_nor_doubled(
     assert await other.messages(4) == [(i, f"m{i}") for i in range(1, 5)]
 
 
+async def test_messages_before_the_first_members_read_reach_every_member(
+        harness: Harness) -> None:
+    """The room's first member reads the room's position after subscribing; members who
+    join meanwhile and what they publish (a burst of reconnecting chat members, each
+    with its join notice) reach everyone, though the read already counts them."""
+    node = await harness.node()
+    node.broker.gate = asyncio.Event()
+    node.broker.read_before_gate = False  # the read happens after the publishes
+    first = await harness.connect(node, "room=r", v1=False)
+    await asyncio.wait_for(node.broker.reading.wait(), 5)
+    second = await harness.connect(node, "room=r", v1=False)
+    await asyncio.wait_for(node.opened.get(), 5)  # the second (the first waits the read)
+    await node.hub.broadcast_to_room("r", "hello")
+    node.broker.gate.set()
+    assert await first.recv() == "hello"
+    assert await second.recv() == "hello"
+
+
 async def test_unreadable_history_on_join_says_unavailable(harness: Harness) -> None:
     """A history read that fails: recovered false (unavailable) without a position, or a
     plain joined without one when nothing was declared; live messages still flow."""
