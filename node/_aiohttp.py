@@ -21,6 +21,13 @@ module leans on these parts of it:
   not compiled: the node then says so in a warning and unmasks in pure Python.
 - ``aiohttp.web_urldispatcher._default_expect_handler``: aiohttp's answer to
   ``Expect: 100-continue``, which the HTTP API calls once it has checked the request.
+- ``Application._make_handler`` (wrapped on one app: every runner makes the app's
+  ``Server`` through it), ``Server.connection_made(handler, transport)`` and
+  ``Server.connection_lost`` (wrapped on that server: they hear of every accepted
+  socket, and of it going or being taken over) and ``RequestHandler._request_count``
+  (requests whose head was parsed): ``guard_handshakes`` closes sockets that have not
+  sent a whole request head within the handshake timeout. aiohttp itself only has its
+  keep-alive timeout (75 s) for them.
 
 Nothing outside this module touches a private name or attribute of aiohttp. On import
 it checks that each of the above exists with the shape used here and raises
@@ -113,6 +120,14 @@ def _find_internals() -> _Internals:
             missing.append("RequestHandler._manager (a slot: the handler's Server)")
         if not _accepts(getattr(Server, "connection_lost", None), None, None, None):
             missing.append("Server.connection_lost(handler, exc)")
+        if not _accepts(getattr(Server, "connection_made", None), None, None, None):
+            missing.append("Server.connection_made(handler, transport)")
+        if "_request_count" not in _slots(RequestHandler):
+            missing.append("RequestHandler._request_count (a slot)")
+        if "__slots__" in Server.__dict__:
+            missing.append("Server without __slots__ (its connection_made is wrapped)")
+    if not callable(getattr(web.Application, "_make_handler", None)):
+        missing.append("Application._make_handler(**kwargs)")
     if not isinstance(getattr(web.BaseRequest, "protocol", None), property):
         missing.append("BaseRequest.protocol")
     mask: Unmask | None = None
@@ -195,6 +210,57 @@ class _Tail:
 
     def feed_eof(self) -> None:
         return None
+
+
+def guard_handshakes(app: web.Application, timeout: float, on_timeout: Callable[[], None]
+                     ) -> None:
+    """Close every socket of ``app`` that has not sent a complete request head within
+    ``timeout`` seconds of being accepted; call ``on_timeout`` for each.
+
+    Applies to the servers ``app`` is run on from now on (``web.run_app``, ``AppRunner``,
+    aiohttp's ``TestServer``): each accepted socket gets one timer, which does nothing
+    if a request (even a bad one, answered 400) was read by then or the socket is gone.
+    Sockets kept alive after a request are left to aiohttp's keep-alive timeout.
+    """
+    make_handler = app._make_handler
+
+    def make_guarded_handler(*args: Any, **kwargs: Any) -> Any:
+        server = make_handler(*args, **kwargs)
+        _guard_server(server, timeout, on_timeout)
+        return server
+
+    # Set on this one app (bypassing the Application.__setattr__ that aiohttp's debug
+    # mode adds): other apps in the process keep aiohttp's own.
+    object.__setattr__(app, "_make_handler", make_guarded_handler)
+
+
+def _guard_server(server: Any, timeout: float, on_timeout: Callable[[], None]) -> None:
+    connection_made = server.connection_made
+    connection_lost = server.connection_lost
+    timers: dict[Any, asyncio.TimerHandle] = {}
+    """handler -> its timer, until it fires or the socket goes (or is taken over: the
+    handler is let go then, and the timer with it)."""
+
+    def check(handler: Any) -> None:
+        timers.pop(handler, None)
+        transport = handler.transport
+        if transport is None or transport.is_closing() or handler._request_count:
+            return
+        on_timeout()
+        transport.abort()
+
+    def guarded_connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        connection_made(handler, transport)
+        timers[handler] = asyncio.get_running_loop().call_later(timeout, check, handler)
+
+    def guarded_connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        timer = timers.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+        connection_lost(handler, exc)
+
+    server.connection_made = guarded_connection_made
+    server.connection_lost = guarded_connection_lost
 
 
 def take_over(request: web.Request, protocol: asyncio.BaseProtocol) -> tuple[asyncio.Transport,

@@ -18,9 +18,11 @@ from aiohttp import web
 
 from roomcast.broker import Broker
 from roomcast.node.api import setup_api
+from roomcast.node.auth import Auth
 from roomcast.node.demo import add_demo_routes
 from roomcast.node.health import BrokerHealth, Drain, sampling
 from roomcast.node.hub import HUB, Hub
+from roomcast.node.limits import Limits
 from roomcast.node.metrics import setup_metrics
 from roomcast.node.static_routes import add_static_routes
 from roomcast.shared.config import HubConfig
@@ -38,6 +40,10 @@ class NodeOptions:
     """Serve Prometheus metrics at /metrics."""
     drain_notice: float = 0.0
     """On SIGTERM, seconds /readyz fails before clients are closed (``install_drain``)."""
+    auth: Auth | None = None
+    """Authentication and room rules of the WebSocket routes (``node.auth``)."""
+    limits: Limits | None = None
+    """Rate limits, connect limit, handshake timeout (``node.limits``; None: defaults)."""
 
 
 BROKER_HEALTH = web.AppKey("roomcast_broker_health", BrokerHealth)
@@ -64,7 +70,7 @@ def create_app(
     """An aiohttp Application with a hub, the demo routes and /healthz, /readyz, /metrics."""
     options = options if options is not None else NodeOptions()
     app = web.Application()
-    hub = Hub(config, broker=broker)
+    hub = Hub(config, broker=broker, auth=options.auth, limits=options.limits)
     hub.attach(app, drain_seconds=options.drain_seconds)
     health = BrokerHealth(hub)
     app[BROKER_HEALTH] = health

@@ -20,7 +20,9 @@ from aiohttp import web
 from roomcast.broker import create_broker
 from roomcast.node._aiohttp import COMPILED_MASK
 from roomcast.node.app import NodeOptions, create_app, install_drain
+from roomcast.node.auth import MIN_SECRET_BYTES, Auth, JWTAuthenticator, RedactingAccessLogger
 from roomcast.node.hub import HUB
+from roomcast.node.limits import DEFAULT_HANDSHAKE_TIMEOUT, Limits, RateLimit
 from roomcast.node.logs import configure_logging, set_node_id
 from roomcast.shared.config import (
     DEFAULT_MAX_CONNECTIONS,
@@ -89,6 +91,19 @@ def _history_ttl(text: str) -> float:
     if not MIN_HISTORY_TTL <= value <= MAX_HISTORY_TTL:
         raise ValueError(f"must be from {MIN_HISTORY_TTL} to {MAX_HISTORY_TTL:.0f} seconds "
                          "(30 days)")
+    return value
+
+
+def _jwt_secret(value: str) -> str:
+    if len(value.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes (make one with: "
+                         "openssl rand -hex 32)")
+    return value
+
+
+def _readable_file(value: str) -> str:
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ValueError("no such readable file")
     return value
 
 
@@ -226,6 +241,32 @@ _SERVE_OPTIONS = [
             "recovered: false (reason limit) and reloads its state"),
     _Option("--api-key", "ROOMCAST_API_KEY", _api_key, None,
             "bearer key for the HTTP API under /api; unset leaves the API off"),
+    _Option("--jwt-secret", "ROOMCAST_JWT_SECRET", _jwt_secret, None,
+            "HS256 secret of the JSON Web Tokens clients connect with (prefer the "
+            "environment variable: flags show in ps)"),
+    _Option("--jwt-public-key", "ROOMCAST_JWT_PUBLIC_KEY", _readable_file, None,
+            "PEM file of the public key of RS256 (RSA) or ES256 (P-256) tokens"),
+    _Option("--jwt-jwks", "ROOMCAST_JWT_JWKS", _readable_file, None,
+            "JWKS file of the public keys of RS256/ES256 tokens (picked by kid)"),
+    _Option("--jwt-audience", "ROOMCAST_JWT_AUDIENCE", str, None,
+            "tokens must have this aud"),
+    _Option("--jwt-issuer", "ROOMCAST_JWT_ISSUER", str, None, "tokens must have this iss"),
+    _Option("--require-auth", "ROOMCAST_REQUIRE_AUTH", _bool, False,
+            "refuse WebSocket upgrades without a token (401); without it they connect "
+            "anonymously", nargs="?", const="true"),
+    _Option("--max-messages-per-second", "ROOMCAST_MAX_MESSAGES_PER_SECOND", _positive_float,
+            None, "messages one connection may send per second; over it they are dropped "
+                  "and a client that keeps on is closed with 1008"),
+    _Option("--max-bytes-per-second", "ROOMCAST_MAX_BYTES_PER_SECOND", _positive_float, None,
+            "message bytes one connection may send per second"),
+    _Option("--burst", "ROOMCAST_BURST", _positive, None,
+            "messages a connection may send at once (default: one second's worth)"),
+    _Option("--max-connects-per-address", "ROOMCAST_MAX_CONNECTS_PER_ADDRESS",
+            _non_negative_float, 0.0, "new WebSocket connections per second from one "
+            "client address; more get 429 (0: off)"),
+    _Option("--handshake-timeout", "ROOMCAST_HANDSHAKE_TIMEOUT", _non_negative_float,
+            DEFAULT_HANDSHAKE_TIMEOUT, "seconds a new socket has to send its whole "
+            "upgrade request before it is closed (0: off)"),
     _Option("--metrics", "ROOMCAST_METRICS", _bool, True,
             "serve Prometheus metrics at /metrics", nargs="?", const="true"),
     _Option("--log-level", "ROOMCAST_LOG_LEVEL", str.upper, "INFO", "logging level"),
@@ -297,6 +338,48 @@ def build_config(values: dict[str, Any]) -> HubConfig:
     )
 
 
+def build_auth(values: dict[str, Any]) -> Auth | None:
+    """Auth from resolved settings (None: every client is anonymous); ValueError
+    naming the flag for settings that do not go together or a key that does not load."""
+    keys = [flag for flag in ("jwt_secret", "jwt_public_key", "jwt_jwks") if values[flag]]
+    if len(keys) > 1:
+        raise ValueError("--jwt-secret, --jwt-public-key and --jwt-jwks: give only one")
+    if not keys:
+        for flag in ("jwt_audience", "jwt_issuer", "require_auth"):
+            if values[flag]:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --jwt-secret, "
+                                 "--jwt-public-key or --jwt-jwks")
+        return None
+    claims = {"audience": values["jwt_audience"], "issuer": values["jwt_issuer"]}
+    if values["jwt_secret"]:
+        authenticator = JWTAuthenticator.from_secret(values["jwt_secret"], **claims)
+    elif values["jwt_public_key"]:
+        try:
+            authenticator = JWTAuthenticator.from_public_key_file(values["jwt_public_key"],
+                                                                  **claims)
+        except ValueError as exc:
+            raise ValueError(f"--jwt-public-key: {exc}") from None
+    else:
+        try:
+            authenticator = JWTAuthenticator.from_jwks_file(values["jwt_jwks"], **claims)
+        except ValueError as exc:
+            raise ValueError(f"--jwt-jwks: {exc}") from None
+    return Auth(authenticator, require=values["require_auth"])
+
+
+def build_limits(values: dict[str, Any]) -> Limits:
+    """Limits from resolved settings."""
+    rate = None
+    if values["max_messages_per_second"] or values["max_bytes_per_second"]:
+        rate = RateLimit(messages_per_second=values["max_messages_per_second"],
+                         bytes_per_second=values["max_bytes_per_second"],
+                         burst=values["burst"])
+    elif values["burst"]:
+        raise ValueError("--burst needs --max-messages-per-second or --max-bytes-per-second")
+    return Limits(rate=rate, connects_per_address=values["max_connects_per_address"],
+                  handshake_timeout=values["handshake_timeout"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``roomcast`` console script."""
     parser = _build_parser()
@@ -304,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = _resolve(parser, args)
     try:
         config = build_config(values)
+        auth = build_auth(values)
+        limits = build_limits(values)
         broker = create_broker(
             values["redis"], prefix=values["redis_prefix"],
             heartbeat_interval=values["heartbeat_ms"] / 1000,
@@ -325,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = NodeOptions(
         api_key=values["api_key"], drain_seconds=values["drain_seconds"],
         metrics=values["metrics"], drain_notice=values["drain_notice_seconds"],
+        auth=auth, limits=limits,
     )
     loop = resolve_loop(values["loop"])
     if args.check:
@@ -344,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.on_startup.append(_log_loop)
     try:
         web.run_app(app, host=values["host"], port=values["port"], print=_ready_line,
-                    reuse_port=values["reuse_port"] or None, loop=new_event_loop(loop))
+                    reuse_port=values["reuse_port"] or None, loop=new_event_loop(loop),
+                    access_log_class=RedactingAccessLogger)  # tokens travel in queries
     except BrokerError as exc:
         # Fail fast on a broker that cannot be reached at start-up (wrong URL, password,
         # Redis not up yet): the supervisor or orchestrator restarts us.

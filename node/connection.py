@@ -19,9 +19,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from roomcast.node.core import CUT_OFF, WRITE, ConnectionCore, ConnectionState
+from roomcast.node.limits import apply_rate_limit
 from roomcast.node.v1 import message_frame
 from roomcast.shared.frames import MessageReader, PreparedMessage, build_frame
 from roomcast.shared.history import Position
@@ -29,7 +30,9 @@ from roomcast.shared.ids import ConnectionId, Room
 from roomcast.shared.rfc6455 import CloseCode, Opcode
 
 if TYPE_CHECKING:
+    from roomcast.node.auth import Identity
     from roomcast.node.hub import Hub
+    from roomcast.node.limits import ConnectionLimiter
 
 __all__ = ["Connection", "ConnectionState", "SocketControl"]
 
@@ -52,8 +55,8 @@ class SocketControl(Protocol):
 class Connection(ConnectionCore):
     """A client connected to this node. Created by ``Hub.upgrade``; never by hand."""
 
-    __slots__ = ("_hub", "_protocol", "_since", "_transport", "_write_soon", "metadata",
-                 "previous", "protocol", "remote")
+    __slots__ = ("_hub", "_protocol", "_since", "_transport", "_write_soon", "expiry_timer",
+                 "identity", "limiter", "metadata", "previous", "protocol", "remote")
 
     def __init__(
         self,
@@ -86,6 +89,12 @@ class Connection(ConnectionCore):
         """Has the hub flush this connection at the end of the loop turn (one write)."""
         self._protocol: SocketControl | None = None
         self._transport: asyncio.Transport | None = None
+        self.identity: Identity | None = None
+        """Who the connection belongs to (``node.auth``); None when anonymous."""
+        self.limiter: ConnectionLimiter | None = None
+        """The rate limit on what it sends (``node.limits``); None when unlimited."""
+        self.expiry_timer: asyncio.TimerHandle | None = None
+        """Closes it with 4001 when its identity expires (``node.auth.arm_expiry``)."""
 
     @property
     def v1(self) -> bool:
@@ -107,6 +116,18 @@ class Connection(ConnectionCore):
     def hub(self) -> Hub:
         """The hub this connection belongs to."""
         return self._hub
+
+    @property
+    def user_id(self) -> str | None:
+        """The user this connection belongs to (its identity's); None when anonymous."""
+        identity = self.identity
+        return identity.user_id if identity is not None else None
+
+    @property
+    def user_info(self) -> Mapping[str, Any]:
+        """The identity's info mapping (a JWT's ``info`` claim); empty when anonymous."""
+        identity = self.identity
+        return identity.info if identity is not None else {}
 
     # -- rooms and metadata ----------------------------------------------------------
 
@@ -206,6 +227,47 @@ class Connection(ConnectionCore):
     def transport_lost(self) -> None:
         """The socket is gone: what is still queued has nowhere to go."""
         self._transport = None
+        if self.expiry_timer is not None:
+            self.expiry_timer.cancel()
+            self.expiry_timer = None
+
+    def receive(
+        self, data: bytes, limit: int, now: float
+    ) -> list[tuple[Opcode, bytes | str]]:
+        """The core's ``receive``, with the rate limit applied to the messages (if any).
+
+        A message over the limit is dropped (a roomcast.v1 client is told with an
+        ``error`` frame, code ``rate_limited``); one that makes the client a flooder
+        closes it with 1008, and every message after it is dropped.
+        """
+        events = super().receive(data, limit, now)
+        if self.limiter is None or not events:
+            return events
+        # Monotonic time: a wall clock stepped back must not stall the refill.
+        return apply_rate_limit(self, self.limiter, events, time.monotonic())
+
+    def stop_reading(self) -> None:
+        """Read nothing more from the socket (a flooder being closed: ``node.limits``).
+
+        The socket ends when the closing handshake times out. What was read and not
+        parsed yet is left unparsed (``reading_done``).
+        """
+        transport = self._transport
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+
+    @property
+    def reading_done(self) -> bool:
+        """The core's, or True once the connection was closed for flooding."""
+        limiter = self.limiter
+        return self._reader.done or (limiter is not None and limiter.closed)
+
+    @property
+    def pending(self) -> bool:
+        """The core's, or False once the connection was closed for flooding (what
+        is buffered is never parsed)."""
+        limiter = self.limiter
+        return self._reader.pending and (limiter is None or not limiter.closed)
 
     def unsent_now(self) -> int:
         """Bytes the transport has not sent yet (its own count)."""

@@ -2,10 +2,11 @@
 
 Routes: ``GET /`` the chat page, ``GET /chat?room=NAME&name=NAME`` the chat socket,
 ``GET /echo`` an echo socket. Chat notices are JSON text messages
-(``{"type": "join"|"leave", "name": ..., "members": N}``, ``members`` null while the
-cluster-wide count is unknown); what members send is broadcast to the room as it came,
-sender included. A member whose message could not reach other nodes is told so with
-``{"type": "error", "text": ...}``.
+(``{"type": "join"|"leave", "name": ..., "members": N}``, the name taken from the
+member's token when the node authenticates (``roomcast serve --jwt-secret ...``),
+``members`` null while the cluster-wide count is unknown); what members send is
+broadcast to the room as it came, sender included. A member whose message could not
+reach other nodes is told so with ``{"type": "error", "text": ...}``.
 
 A ``roomcast.v1`` client (docs/protocol.md) joining a room with history first gets the
 room's last ``CHAT_REPLAY`` messages, or, reconnecting with the positions it saw, exactly
@@ -47,12 +48,21 @@ async def _room_broadcast(conn: Connection, data: str | bytes) -> None:
             await conn.send_text(json.dumps(warning))
 
 
+def _name_of(conn: Connection) -> str | None:
+    """The token's name (its ``info.name``, else its user id) for an authenticated
+    member: a ``?name=`` cannot pass for someone else; the query's name otherwise."""
+    if conn.user_id is not None:
+        name = conn.user_info.get("name")
+        return str(name)[:MAX_NAME_LENGTH] if name else conn.user_id[:MAX_NAME_LENGTH]
+    return conn.get_metadata("name")
+
+
 async def _notice(conn: Connection, kind: str) -> None:
     try:
         members: int | None = await conn.hub.room_size(_room_of(conn))
     except BrokerError:
         members = None  # the cluster-wide count is unknown while Redis is unreachable
-    notice = {"type": kind, "name": conn.get_metadata("name"), "members": members}
+    notice = {"type": kind, "name": _name_of(conn), "members": members}
     await _room_broadcast(conn, json.dumps(notice))
 
 

@@ -25,8 +25,9 @@ from aiohttp import web
 from aiohttp.http_websocket import ws_ext_gen, ws_ext_parse
 
 from roomcast.broker import Broker, MemoryBroker
-from roomcast.node._aiohttp import Upgraded, take_over
+from roomcast.node._aiohttp import Upgraded, guard_handshakes, take_over
 from roomcast.node.asyncio_protocol import Owner, WebSocketProtocol
+from roomcast.node.auth import Auth, AuthRefused, RoomForbidden, arm_expiry
 from roomcast.node.connection import Connection
 from roomcast.node.core import (
     CUT_OFF,
@@ -39,12 +40,14 @@ from roomcast.node.core import (
     deliver,
 )
 from roomcast.node.handlers import EventHandler, run_callback
+from roomcast.node.limits import Limits, RateLimit, retry_after
 from roomcast.node.recovery import LOST, MESSAGE, Catchup, Item, Lost, PendingJoin, Step
 from roomcast.node.rooms import RoomIndex
 from roomcast.node.stats import HubStats as HubStats  # re-exported: node.metrics imports it
 from roomcast.node.v1 import (
     PROTOCOL,
     UpgradeParams,
+    error_frame,
     joined_frame,
     left_frame,
     lost_frame,
@@ -97,8 +100,15 @@ class Hub:
         *,
         broker: Broker | None = None,
         node_id: NodeId | None = None,
+        auth: Auth | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.config = config if config is not None else HubConfig()
+        self.auth = auth
+        """Who may connect and join which rooms (``node.auth``); None: anyone, anywhere."""
+        self.limits = limits if limits is not None else Limits()
+        """Rate limits, the per-address connect limit, the handshake timeout."""
+        self._connects = self.limits.connect_limiter()
         self.node_id: NodeId = node_id if node_id is not None else new_node_id()
         self.broker: Broker = broker if broker is not None else MemoryBroker()
         self.stats = HubStats()
@@ -192,6 +202,8 @@ class Hub:
         down closes every client with 1001, waiting at most ``drain_seconds``.
         """
         app[HUB] = self
+        if self.limits.handshake_timeout:
+            guard_handshakes(app, self.limits.handshake_timeout, self._handshake_timed_out)
 
         async def lifespan(_: web.Application) -> AsyncIterator[None]:
             await self.start()
@@ -225,7 +237,8 @@ class Hub:
         return conn if conn is not None and conn.state is ConnectionState.OPEN else None
 
     def route(
-        self, handler: EventHandler, *, rooms: Iterable[str] = (), replay: int = 0
+        self, handler: EventHandler, *, rooms: Iterable[str] = (), replay: int = 0,
+        rate_limit: RateLimit | None = None,
     ) -> Any:
         """An aiohttp handler that upgrades every request with ``handler`` (see
         ``upgrade`` for ``rooms`` and ``replay``)."""
@@ -233,7 +246,8 @@ class Hub:
         _check_replay(replay)
 
         async def websocket_route(request: web.Request) -> web.StreamResponse:
-            return await self.upgrade(request, handler, rooms=rooms, replay=replay)
+            return await self.upgrade(request, handler, rooms=rooms, replay=replay,
+                                      rate_limit=rate_limit)
 
         return websocket_route
 
@@ -245,6 +259,7 @@ class Hub:
         rooms: Iterable[str] = (),
         metadata: Mapping[str, str] | None = None,
         replay: int = 0,
+        rate_limit: RateLimit | None = None,
     ) -> web.StreamResponse:
         """Accept a WebSocket on ``request`` (``register``); return what aiohttp must return.
 
@@ -256,13 +271,15 @@ class Hub:
 
         Refused before the upgrade: not a WebSocket request (400/405/426), a v1 request
         whose ``roomcast.since`` or ``roomcast.previous`` is malformed (400, the body says
-        what is wrong), origin not allowed (403), node full or shutting down (503). On
-        success the hub writes the 101, takes the socket over from aiohttp, the
-        connection gets ``metadata``, joins ``rooms`` and ``on_open`` runs; then this
-        returns. From there on the hub serves the connection on its own (no task, and
-        not the request, is kept while it is idle): every message goes to
-        ``on_message`` in order, and ``on_close`` comes last. A failure while opening
-        (a broker error joining a room) closes it with 1011.
+        what is wrong), origin not allowed (403), too many connections from the address
+        (429, ``Limits``), no or invalid credentials (401) or a room the identity may not
+        join (403; ``Auth``), node full or shutting down (503). On success the hub writes
+        the 101, takes the socket over from aiohttp, the connection gets ``metadata``,
+        joins ``rooms`` and ``on_open`` runs; then this returns. From there on the hub
+        serves the connection on its own (no task, and not the request, is kept while it
+        is idle): every message goes to ``on_message`` in order, and ``on_close`` comes
+        last. A failure while opening (a broker error joining a room) closes it with
+        1011. ``rate_limit``: what the connection may send (default: ``limits.rate``).
         """
         try:
             key = validate_upgrade_request(request.method, request.headers)
@@ -284,6 +301,18 @@ class Hub:
             self.stats.refused_origin += 1
             log.info("refused origin %r from %s", origin, request.remote)
             return web.Response(status=403, text=f"origin {origin} is not allowed\n")
+        if self._connects is not None:
+            wait = self._connects.check(request.remote, time.monotonic())
+            if wait:
+                self.stats.refused_rate += 1
+                return web.Response(status=429, headers={"Retry-After": retry_after(wait)},
+                                    text="too many new connections from this address\n")
+        identity = None
+        if self.auth is not None:
+            try:
+                identity = await self.auth.identify(request)
+            except AuthRefused as exc:
+                return self._refused(request, exc)
         if not self._accepting:
             self.stats.refused_draining += 1
             return web.Response(status=503, text="node is not accepting connections\n")
@@ -311,9 +340,23 @@ class Hub:
             request.remote, PROTOCOL if params is not None else None,
             params.since if params is not None else None,
             params.previous if params is not None else None)
+        conn.identity = identity
         self._connections[conn.id] = conn  # reserve the slot before awaiting
         if params is not None:
             self._framed_conns[conn.id] = conn
+        if self.auth is not None:
+            for room in room_names:
+                why = await self.auth.refusal(conn, room)
+                if why is not None:
+                    self._connections.pop(conn.id, None)
+                    self._framed_conns.pop(conn.id, None)
+                    return self._refused(request, AuthRefused(
+                        f"may not join room {room!r}: {why}", status=403))
+            if not self._accepting:  # it began to drain while the hooks ran
+                self._connections.pop(conn.id, None)
+                self._framed_conns.pop(conn.id, None)
+                self.stats.refused_draining += 1
+                return web.Response(status=503, text="node is not accepting connections\n")
         # Which node took the connection, and its id (for targeted sends and for
         # checking where a load balancer sends clients).
         ids = {"X-Roomcast-Node": self.node_id, "X-Roomcast-Connection": conn.id}
@@ -326,6 +369,11 @@ class Hub:
             raise
         transport.write(handshake_response(key, extensions, ids, conn.protocol))
         conn.attach(protocol, transport, wbits, time.time() + self.config.ping_interval)
+        if identity is not None and identity.expires_at is not None:
+            arm_expiry(conn, identity.expires_at)
+        rate = rate_limit if rate_limit is not None else self.limits.rate
+        if rate is not None:
+            conn.limiter = rate.limiter(time.monotonic())
         if conn.protocol is not None:
             ids["Sec-WebSocket-Protocol"] = conn.protocol
             conn.send_prepared(welcome_frame(self.node_id, conn.id))  # the first frame
@@ -357,6 +405,21 @@ class Hub:
                 self._callback_tasks.discard(task)
             protocol.opened()
         return Upgraded({"Upgrade": "websocket", "Connection": "Upgrade", **ids})
+
+    def _refused(self, request: web.Request, exc: AuthRefused) -> web.Response:
+        """The 401 or 403 for a request ``node.auth`` refused (its message never holds
+        the token)."""
+        if exc.status == 401:
+            self.stats.refused_auth += 1
+            headers = {"WWW-Authenticate": 'Bearer realm="roomcast"'}
+        else:
+            self.stats.refused_forbidden += 1
+            headers = None
+        log.info("refused %s from %s: %s", request.path, request.remote, exc)
+        return web.Response(status=exc.status, text=f"{exc}\n", headers=headers)
+
+    def _handshake_timed_out(self) -> None:
+        self.stats.handshake_timeouts += 1
 
     def _connection_lost(
         self, conn: Connection, handler: EventHandler, dispatching: asyncio.Task[None] | None
@@ -418,11 +481,22 @@ class Hub:
         ``HubConfig.recovery_max``; ``joined`` says ``recovered`` false, with the reason,
         when they cannot all be sent), or without one the last ``replay`` messages, and
         then the room's live messages from where ``joined`` left it, none twice.
+
+        RoomForbidden if the hub's ``Auth`` does not let it join (a v1 connection is sent
+        an ``error`` frame with code ``forbidden``).
         """
         name = validate_room(room)
         _check_replay(replay)
         if conn.state is not ConnectionState.OPEN:
             raise ValueError(f"connection {conn.id} is {conn.state.value}; it cannot join rooms")
+        if self.auth is not None:
+            why = await self.auth.refusal(conn, name)
+            if why is not None:
+                self.stats.joins_forbidden += 1
+                if conn.is_open and conn.v1:
+                    conn.send_prepared(error_frame(
+                        "forbidden", f"not allowed to join room {name!r}", name))
+                raise RoomForbidden(name, conn.id, why)
         if self._rooms.contains(name, conn.id):
             return
         history = self.history_for(name)

@@ -52,7 +52,8 @@ LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
 """Publish-to-delivery seconds, from 0.5 ms (same host) to 5 s (a struggling Redis)."""
-REFUSAL_REASONS: Final = ("full", "origin", "handshake", "draining")
+REFUSAL_REASONS: Final = ("full", "origin", "handshake", "draining", "auth", "forbidden",
+                          "rate", "handshake_timeout")
 
 _Reader = Callable[[HubStats, Broker], int]
 
@@ -130,6 +131,17 @@ _COUNTERS: Final[dict[str, tuple[str, _Reader]]] = {
         "Rooms whose subscription came back after a lost link, failover or slot move "
         "(each one's gap is then read from its history).",
         _broker(lambda s: s.resumed_rooms)),
+    "roomcast_joins_forbidden": (
+        "join_room calls refused by the room rules (RoomForbidden).", _stat("joins_forbidden")),
+    "roomcast_tokens_expired": (
+        "Connections closed because their token expired (close 4001).",
+        _stat("tokens_expired")),
+    "roomcast_messages_rate_limited": (
+        "Client messages dropped for being over the connection's rate limit.",
+        _stat("messages_rate_limited")),
+    "roomcast_rate_limit_disconnects": (
+        "Connections closed for flooding: over their rate limit again and again (close 1008).",
+        _stat("rate_limit_closes")),
 }
 
 _REFUSED: Final[dict[str, Callable[[HubStats], int]]] = {
@@ -137,6 +149,10 @@ _REFUSED: Final[dict[str, Callable[[HubStats], int]]] = {
     "origin": lambda s: s.refused_origin,
     "handshake": lambda s: s.refused_handshake,
     "draining": lambda s: s.refused_draining,
+    "auth": lambda s: s.refused_auth,
+    "forbidden": lambda s: s.refused_forbidden,
+    "rate": lambda s: s.refused_rate,
+    "handshake_timeout": lambda s: s.handshake_timeouts,
 }
 
 # Counter name -> (help, label, label value -> how to read its plain int).

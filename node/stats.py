@@ -34,6 +34,22 @@ class HubStats:
     """Gaps in a room's stream this node filled from the history (after a lost link)."""
     catchup_gaps_lost: int = 0
     """Gaps it could not fill: its members were sent ``lost`` for the room."""
+    refused_auth: int = 0
+    """Upgrades refused with 401 (no or invalid credentials; ``node.auth``)."""
+    refused_forbidden: int = 0
+    """Upgrades refused with 403: valid credentials, a room they may not join."""
+    refused_rate: int = 0
+    """Upgrades refused with 429: too many new connections from the address."""
+    handshake_timeouts: int = 0
+    """Sockets closed for not completing their upgrade request in time."""
+    joins_forbidden: int = 0
+    """``join_room`` calls refused by the room rules (``RoomForbidden``)."""
+    tokens_expired: int = 0
+    """Connections closed with 4001 because their token expired."""
+    messages_rate_limited: int = 0
+    """Client messages dropped for being over the connection's rate limit."""
+    rate_limit_closes: int = 0
+    """Connections closed with 1008 for flooding (over the limit again and again)."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
