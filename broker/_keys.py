@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from roomcast.shared.envelope import Envelope, Kind
+from roomcast.shared.envelope import ROOM_CHANNEL_KINDS, Envelope, Kind
 from roomcast.shared.ids import node_of
 
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -124,7 +124,7 @@ class Keys:
 
     def channel_for(self, envelope: Envelope) -> str:
         """The one channel ``envelope`` is published on, chosen by its kind."""
-        if envelope.kind is Kind.ROOM:
+        if envelope.kind in ROOM_CHANNEL_KINDS:
             return self.room_channel(envelope.target)
         if envelope.kind is Kind.CONNECTION:
             return self.node_channel(node_of(envelope.target))

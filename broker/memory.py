@@ -26,7 +26,7 @@ from roomcast.broker.base import (
     check_history_publish,
     check_history_read,
 )
-from roomcast.shared.envelope import Envelope, Kind, decode, encode
+from roomcast.shared.envelope import ROOM_CHANNEL_KINDS, Envelope, Kind, decode, encode
 from roomcast.shared.errors import BrokerError, EnvelopeError
 from roomcast.shared.history import History, HistoryPage, Position, new_epoch
 from roomcast.shared.ids import ConnectionId, NodeId, Room, node_of
@@ -76,7 +76,7 @@ class MemoryBus:
                 continue
             if (
                 kind is Kind.ALL
-                or (kind is Kind.ROOM and target in broker.rooms)
+                or (kind in ROOM_CHANNEL_KINDS and target in broker.rooms)
                 or (kind is Kind.CONNECTION and node_of(target) == node)
             ):
                 asyncio.get_running_loop().call_soon(broker.receive_raw, data)

@@ -42,7 +42,7 @@ from roomcast.broker.base import (
     check_history_publish,
     check_history_read,
 )
-from roomcast.shared.envelope import Envelope, Kind, decode, encode
+from roomcast.shared.envelope import ROOM_CHANNEL_KINDS, Envelope, decode, encode
 from roomcast.shared.errors import BrokerError, EnvelopeError, PublishError
 from roomcast.shared.history import History, HistoryPage, Position
 from roomcast.shared.ids import (
@@ -462,7 +462,7 @@ class RedisBroker:
             return
         if envelope.origin and envelope.origin == self._node and not envelope.offset:
             return  # our own publish: the hub already delivered it locally
-        if envelope.kind is Kind.ROOM and envelope.target not in self._rooms:
+        if envelope.kind in ROOM_CHANNEL_KINDS and envelope.target not in self._rooms:
             return  # in flight when the room's last local member left
         self.stats.received += 1
         if self._deliver is None:

@@ -10,6 +10,11 @@ v1 members. Rooms with history (``HubConfig.history``) are published through the
 which gives every message its position; each node then delivers the room's messages in
 stream order through ``node.recovery`` (its own included, from the broker's echo), and a
 v1 member that joins gets what it missed before its ``joined`` frame.
+
+A connection with a user id (``node.auth``) is also a member of its user's internal
+room (``shared.users``): ``send_to_user``, ``disconnect_user`` and ``user_connections``
+reach every connection of the user on every node through it. Those rooms are kept apart
+from the application's rooms (not in ``local_rooms``, ``rooms_of`` or the metrics).
 """
 
 from __future__ import annotations
@@ -79,6 +84,14 @@ from roomcast.shared.ids import (
 )
 from roomcast.shared.rfc6455 import CloseCode
 from roomcast.shared.rfc6455 import Data as Data  # re-exported: node.api imports it here
+from roomcast.shared.users import (
+    check_close,
+    check_not_user_room,
+    decode_disconnect,
+    encode_disconnect,
+    is_user_room,
+    user_room,
+)
 
 log = logging.getLogger("roomcast.node")
 
@@ -131,6 +144,8 @@ class Hub:
         self.on_envelope_latency: Callable[[float], None] | None = None
         """Called with publish-to-delivery seconds of each envelope from another node."""
         self._framed_conns: dict[ConnectionId, Connection] = {}
+        self._users: dict[Room, dict[ConnectionId, Connection]] = {}
+        """Each user's internal room: its connections on this node."""
         """The roomcast.v1 connections (also in ``_connections``)."""
         self._pending: dict[Room, dict[ConnectionId, PendingJoin]] = {}
         """v1 members joining rooms with history, not yet caught up with the stream."""
@@ -294,7 +309,7 @@ class Hub:
             except ValueError as exc:
                 self.stats.refused_handshake += 1
                 return web.Response(status=400, text=f"{exc}\n")
-        room_names = [validate_room(r) for r in rooms]
+        room_names = [check_not_user_room(validate_room(r)) for r in rooms]
         _check_replay(replay)
         origin = request.headers.get("Origin")
         if not origin_allowed(origin, request.host, self.config.allowed_origins):
@@ -387,6 +402,8 @@ class Hub:
             if metadata:
                 for name, value in metadata.items():
                     conn.set_metadata(name, value)
+            if conn.user_id is not None and conn.state is ConnectionState.OPEN:
+                await self._join_user(conn, user_room(conn.user_id))
             for room in room_names:
                 if conn.state is ConnectionState.OPEN:
                     await self.join_room(conn, room, replay=replay)
@@ -451,12 +468,16 @@ class Hub:
             self._drop_pending(room, conn.id)
         for room in emptied:
             self._catchup.close(room)
-        if rooms:
+        user = self._leave_user(conn)
+        if rooms or user is not None:
             try:
-                await self.broker.remove_presence(conn.id, rooms)
+                await self.broker.remove_presence(
+                    conn.id, rooms if user is None else (*rooms, user[0]))
                 for room in emptied:
                     if not self._rooms.size(room):
                         await self.broker.unsubscribe(room)
+                if user is not None and user[1] and user[0] not in self._users:
+                    await self.broker.unsubscribe(user[0])
             except Exception:
                 log.exception("broker failed while %s left its rooms", conn.id,
                               extra={"conn_id": conn.id})
@@ -485,7 +506,7 @@ class Hub:
         RoomForbidden if the hub's ``Auth`` does not let it join (a v1 connection is sent
         an ``error`` frame with code ``forbidden``).
         """
-        name = validate_room(room)
+        name = check_not_user_room(validate_room(room))
         _check_replay(replay)
         if conn.state is not ConnectionState.OPEN:
             raise ValueError(f"connection {conn.id} is {conn.state.value}; it cannot join rooms")
@@ -647,7 +668,7 @@ class Hub:
 
         A v1 connection gets a ``left`` frame.
         """
-        name = validate_room(room)
+        name = check_not_user_room(validate_room(room))
         if not self._rooms.contains(name, conn.id):
             return
         self._drop_pending(name, conn.id)
@@ -674,10 +695,105 @@ class Hub:
 
     async def room_members(self, room: str) -> set[ConnectionId]:
         """Connection ids in ``room`` across the cluster."""
-        name = validate_room(room)
+        name = check_not_user_room(validate_room(room))
         if not self.broker.has_peers:
             return set(self._rooms.members(name))
         return await self.broker.room_members(name)
+
+    # -- users -----------------------------------------------------------------------
+
+    async def _join_user(self, conn: Connection, room: Room) -> None:
+        """Make ``conn`` a member of its user's internal room, here and cluster-wide."""
+        members = self._users.setdefault(room, {})
+        first = not members
+        members[conn.id] = conn
+        if first:
+            await self.broker.subscribe(room)
+        await self.broker.add_presence(room, conn.id)
+        if conn.id not in self._users.get(room, ()):  # it went meanwhile (_finish ran)
+            await self.broker.remove_presence(conn.id, (room,))
+
+    def _leave_user(self, conn: Connection) -> tuple[Room, bool] | None:
+        """Take ``conn`` out of its user's room here: the room and whether it was the
+        user's last connection on this node; None if it was in none."""
+        if conn.user_id is None:
+            return None
+        room = user_room(conn.user_id)
+        members = self._users.get(room)
+        if members is None or members.pop(conn.id, None) is None:
+            return None
+        if not members:
+            del self._users[room]
+            return room, True
+        return room, False
+
+    def local_user_connections(self, user_id: str) -> set[ConnectionId]:
+        """The user's connections on this node."""
+        return set(self._users.get(user_room(user_id), ()))
+
+    async def user_connections(self, user_id: str) -> set[ConnectionId]:
+        """The user's connections on every node (presence of the user's internal room:
+        a dead node's are left out once the presence TTL passed). BrokerError when the
+        other nodes cannot be reached."""
+        room = user_room(user_id)
+        if not self.broker.has_peers:
+            return set(self._users.get(room, ()))
+        return await self.broker.room_members(room)
+
+    async def send_to_user(self, user_id: str, data: Data) -> None:
+        """Send ``data`` to every connection of the user, on every node.
+
+        Raw connections get it as it is, ``roomcast.v1`` ones in a ``message`` frame
+        without a room (as ``send_to``). Local connections get it before this returns;
+        PublishError means connections on other nodes did not (at most once, as any
+        message without history). TypeError/ValueError for a bad user id or data.
+        """
+        room = user_room(user_id)
+        prepared = PreparedMessage.of(data)
+        self._deliver_user(room, prepared)
+        if self.broker.has_peers:
+            await self.broker.publish(
+                Envelope(Kind.ROOM, room, prepared.payload, prepared.binary, self.node_id,
+                         "", time.time()))
+
+    async def disconnect_user(
+        self, user_id: str, *, code: int = CloseCode.NORMAL, reason: str = ""
+    ) -> None:
+        """Close every connection of the user, on every node, with ``code`` and ``reason``.
+
+        Local connections begin their closing handshake before this returns (their
+        ``on_close`` comes later); other nodes get the order through the broker
+        (PublishError: they did not). ValueError for a code that may not be sent or a
+        reason over 123 bytes. A connection the user opens afterwards is not affected.
+        """
+        room = user_room(user_id)
+        payload = encode_disconnect(*check_close(code, reason))
+        self._disconnect_local(room, code, reason)
+        if self.broker.has_peers:
+            await self.broker.publish(
+                Envelope(Kind.DISCONNECT, room, payload, True, self.node_id, "", time.time()))
+
+    def _deliver_user(self, room: Room, prepared: PreparedMessage) -> None:
+        members = self._users.get(room)
+        if not members:
+            return
+        plain = [c for c in members.values() if c.protocol is None]
+        if plain:
+            self._deliver(plain, prepared, None)
+        if len(plain) < len(members):
+            self._deliver([c for c in members.values() if c.protocol is not None],
+                          message_frame(prepared.payload, prepared.binary), None)
+
+    def _disconnect_local(self, room: Room, code: int, reason: str) -> None:
+        members = self._users.get(room)
+        if not members:
+            return
+        for conn in list(members.values()):
+            if conn.state is ConnectionState.OPEN:
+                # begin the closing handshake without waiting for the peer's answer
+                closing = asyncio.ensure_future(conn.close(code, reason))
+                self._finishing.add(closing)
+                closing.add_done_callback(self._finishing.discard)
 
     # -- history ---------------------------------------------------------------------
 
@@ -721,7 +837,7 @@ class Hub:
         (Redis was frozen, not down) and then reaches the other nodes late, and a retry
         should carry the same idempotency key.
         """
-        name = validate_room(room)
+        name = check_not_user_room(validate_room(room))
         prepared = PreparedMessage.of(data)
         history = self.history_for(name)
         if idempotency_key is not None and history is None:
@@ -947,6 +1063,12 @@ class Hub:
         self.stats.envelopes_received += 1
         if self.on_envelope_latency is not None and env.sent_at:
             self.on_envelope_latency(max(0.0, time.time() - env.sent_at))
+        if env.kind is Kind.DISCONNECT:
+            self._disconnect_local(Room(env.target), *decode_disconnect(env.payload))
+            return
+        if env.kind is Kind.ROOM and is_user_room(env.target):
+            self._deliver_user(Room(env.target), PreparedMessage(env.payload, binary=env.binary))
+            return
         if env.kind is Kind.ROOM and env.offset and self._catchup.offer(env):
             return
         prepared = PreparedMessage(env.payload, binary=env.binary)

@@ -1,0 +1,253 @@
+"""Users across the cluster: send_to_user, disconnect_user, user_connections.
+
+The contract cases run on three hubs sharing each broker medium of
+tests/node/test_cluster_contract.py (memory, a real redis-server, a real 3-master Redis
+Cluster), with real client sockets; a test authenticator takes the user from ``?user=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgpack
+import pytest
+from aiohttp import web
+
+from roomcast.broker import MemoryBroker, Publisher
+from roomcast.node import Hub
+from roomcast.node.auth import Auth, Identity
+from roomcast.shared.envelope import Envelope, Kind, decode, encode
+from roomcast.shared.errors import EnvelopeError
+from roomcast.shared.users import (
+    USER_ROOM_PREFIX,
+    decode_disconnect,
+    encode_disconnect,
+    is_user_room,
+    user_room,
+)
+from tests.node.test_cluster_contract import Cluster, Member, Serve, _cluster
+from tests.node.test_cluster_contract import redis_cluster as redis_cluster  # fixture
+
+
+class QueryUser:
+    """Test credentials: the user id in ``?user=``, the name in ``?name=``."""
+
+    async def authenticate(self, request: web.Request) -> Identity | None:
+        user = request.query.get("user")
+        if user is None:
+            return None
+        return Identity(user, {"name": request.query.get("name", user)})
+
+
+AUTH = Auth(QueryUser())
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def ucluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator[Cluster]:
+    """Three nodes that know users, sharing the broker named by the parameter."""
+    async with _cluster(request, serve, None, AUTH) as made:
+        yield made
+
+
+async def tab(cluster: Cluster, node: int, user: str, *rooms: str) -> Member:
+    return await cluster.member(node, *rooms, query=f"?user={user}")
+
+
+async def closed_with(member: Member, timeout: float = 10.0) -> tuple[int, str]:
+    msg = await member.ws.receive(timeout=timeout)
+    assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+    return msg.data, msg.extra
+
+
+async def all_closed(cluster: Cluster, members: list[Member]) -> None:
+    """Until every hub reported on_close for ``members`` (after withdrawing presence)."""
+    expected = {m.conn.id for m in members}
+    seen: set[str] = set()
+    async with asyncio.timeout(10):
+        while not expected <= seen:
+            seen.add(await cluster.closed.get())
+
+
+# -- the contract, on every broker ---------------------------------------------------
+
+
+async def test_send_to_user_reaches_every_tab_once(ucluster: Cluster) -> None:
+    """Three tabs of one user on three nodes each get one copy, from any node; another
+    user and an anonymous connection get nothing."""
+    tabs = [await tab(ucluster, i, "ann") for i in range(3)]
+    other = await tab(ucluster, 1, "bob")
+    anonymous = await ucluster.member(2)
+    for sender in range(3):
+        await ucluster.hubs[sender].send_to_user("ann", f"hi from {sender}")
+        assert [await t.recv() for t in tabs] == [f"hi from {sender}"] * 3
+    await ucluster.hubs[0].send_to_user("ann", b"\x00bin")
+    assert [await t.recv() for t in tabs] == [b"\x00bin"] * 3
+    for t in tabs:  # exactly once: the marker is next
+        await t.nothing_more(ucluster.hubs[2])
+    await other.nothing_more(ucluster.hubs[0])
+    await anonymous.nothing_more(ucluster.hubs[0])
+
+
+async def test_user_connections_across_nodes(ucluster: Cluster) -> None:
+    """Every node sees all of a user's connections; one that closes drops out."""
+    tabs = [await tab(ucluster, i, "ann") for i in range(3)]
+    bob = await tab(ucluster, 0, "bob")  # kept: an unreferenced socket may be collected
+    ids = {t.conn.id for t in tabs}
+    for hub in ucluster.hubs:
+        assert await hub.user_connections("ann") == ids
+        assert await hub.user_connections("nobody") == set()
+    assert ucluster.hubs[1].local_user_connections("ann") == {tabs[1].conn.id}
+    await tabs[1].ws.close()
+    assert await asyncio.wait_for(ucluster.closed.get(), 5) == tabs[1].conn.id
+    assert await ucluster.hubs[0].user_connections("ann") == ids - {tabs[1].conn.id}
+    assert await ucluster.hubs[2].user_connections("bob") == {bob.conn.id}
+
+
+async def test_disconnect_user_closes_every_tab_with_its_code(ucluster: Cluster) -> None:
+    """disconnect_user closes the user's connections on every node with its code and
+    reason; another user's stay open."""
+    tabs = [await tab(ucluster, i, "ann") for i in range(3)]
+    other = await tab(ucluster, 2, "bob")
+    await ucluster.hubs[1].disconnect_user("ann", code=4003, reason="banned")
+    for t in tabs:
+        assert await closed_with(t) == (4003, "banned")
+    await all_closed(ucluster, tabs)
+    for hub in ucluster.hubs:
+        assert await hub.user_connections("ann") == set()
+    await other.nothing_more(ucluster.hubs[0])
+    # the user comes back: a new tab works as before
+    again = await tab(ucluster, 0, "ann")
+    await ucluster.hubs[2].send_to_user("ann", "welcome back")
+    assert await again.recv() == "welcome back"
+
+
+async def test_user_rooms_are_reserved_and_hidden(ucluster: Cluster) -> None:
+    """Applications cannot join or send to a user's internal room, and it is not one of
+    the node's rooms."""
+    hub = ucluster.hubs[0]
+    ann = await tab(ucluster, 0, "ann", "lobby")
+    reserved = user_room("ann")
+    with pytest.raises(ValueError, match="reserved for users"):
+        await hub.join_room(ann.conn, reserved)
+    with pytest.raises(ValueError, match="reserved for users"):
+        await hub.broadcast_to_room(reserved, "x")
+    with pytest.raises(ValueError, match="reserved for users"):
+        await hub.room_members(reserved)
+    with pytest.raises(ValueError, match="reserved for users"):
+        await hub.leave_room(ann.conn, reserved)
+    assert hub.local_rooms() == ["lobby"]
+    assert ann.conn.rooms == frozenset({"lobby"})
+
+
+# -- Publisher on a real redis-server ------------------------------------------------
+
+
+@pytest.fixture(params=["redis"])
+async def rcluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator[Cluster]:
+    async with _cluster(request, serve, None, AUTH) as made:
+        yield made
+
+
+def _publisher(cluster: Cluster) -> Publisher:
+    return Publisher(cluster.servers[0].url, prefix="contract")
+
+
+async def test_publisher_reaches_users(rcluster: Cluster) -> None:
+    """Publisher.send_to_user, user_connections and disconnect_user, on Redis."""
+    tabs = [await tab(rcluster, i, "ann") for i in range(3)]
+    async with _publisher(rcluster) as pub:
+        assert await pub.user_connections("ann") == {t.conn.id for t in tabs}
+        await pub.send_to_user("ann", "from a worker")
+        assert [await t.recv() for t in tabs] == ["from a worker"] * 3
+        with pytest.raises(ValueError, match="reserved for users"):
+            await pub.publish_to_room(user_room("ann"), "x")
+        with pytest.raises(ValueError, match="may not be sent"):
+            await pub.disconnect_user("ann", code=1006)
+        await pub.disconnect_user("ann", code=4000, reason="logged out")
+        for t in tabs:
+            assert await closed_with(t) == (4000, "logged out")
+        await all_closed(rcluster, tabs)
+        assert await pub.user_connections("ann") == set()
+
+
+# -- one node ------------------------------------------------------------------------
+
+
+async def test_v1_tab_gets_a_message_frame_and_bad_input_is_refused(serve: Serve) -> None:
+    """A roomcast.v1 tab gets the user's message in a message frame without a room; bad
+    codes, reasons and user ids raise."""
+    hub = Hub(broker=MemoryBroker(), auth=AUTH)
+    app = web.Application()
+    hub.attach(app)
+    opened: asyncio.Queue[str] = asyncio.Queue()
+    from roomcast.node import EventHandler
+
+    async def on_open(conn: object) -> None:
+        await opened.put("open")
+
+    app.router.add_get("/ws", hub.route(EventHandler(on_open=on_open)))
+    url = (await serve(app)).replace("http", "ws") + "/ws?user=ann"
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(url, protocols=("roomcast.v1",)) as v1, \
+            session.ws_connect(url) as raw:
+        for _ in range(2):
+            await asyncio.wait_for(opened.get(), 5)
+        welcome = await v1.receive_json(timeout=5)
+        assert welcome["type"] == "welcome"
+        await hub.send_to_user("ann", "hello")
+        assert await raw.receive_str(timeout=5) == "hello"
+        frame = await v1.receive_json(timeout=5)
+        assert frame["type"] == "message" and frame["data"] == "hello"
+        assert "room" not in frame
+        with pytest.raises(ValueError, match="may not be sent"):
+            await hub.disconnect_user("ann", code=1005)
+        with pytest.raises(ValueError, match="123"):
+            await hub.disconnect_user("ann", code=4000, reason="x" * 124)
+        with pytest.raises(ValueError, match="empty"):
+            await hub.send_to_user("", "x")
+        with pytest.raises(TypeError):
+            await hub.send_to_user(None, "x")  # type: ignore[arg-type]
+        await hub.disconnect_user("ann")
+        for ws in (v1, raw):
+            msg = await ws.receive(timeout=5)
+            assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1000
+    await hub.close()
+
+
+# -- the disconnect envelope ---------------------------------------------------------
+
+
+def test_user_room_names() -> None:
+    """Readable for ordinary ids; hashed for ids that are no room name there."""
+    assert user_room("ann") == USER_ROOM_PREFIX + "ann"
+    assert is_user_room(user_room("ann"))
+    long = user_room("u" * 500)
+    assert is_user_room(long) and len(long) == len(USER_ROOM_PREFIX) + 65
+    assert user_room("~abc") != USER_ROOM_PREFIX + "~abc"
+    assert user_room("a\nb").startswith(USER_ROOM_PREFIX + "~")
+
+
+def test_disconnect_envelope_round_trip_and_validation() -> None:
+    """A disconnect envelope decodes to its code and reason; a bad one is refused whole."""
+    env = Envelope(Kind.DISCONNECT, user_room("ann"), encode_disconnect(4001, "bye"), True,
+                   "abc")
+    back = decode(encode(env))
+    assert back.kind is Kind.DISCONNECT and decode_disconnect(back.payload) == (4001, "bye")
+    bad = [
+        ("lobby", encode_disconnect(4000, ""), True),  # not a user's room
+        (user_room("ann"), msgpack.packb([1006, ""]), True),  # code not sendable
+        (user_room("ann"), msgpack.packb([4000, "x" * 124]), True),  # reason too long
+        (user_room("ann"), msgpack.packb(["4000", ""]), True),  # code not an int
+        (user_room("ann"), b"\xc1", True),  # not msgpack
+        (user_room("ann"), encode_disconnect(4000, ""), False),  # text
+    ]
+    for target, payload, binary in bad:
+        with pytest.raises(EnvelopeError):
+            Envelope(Kind.DISCONNECT, target, payload, binary)
+    raw = msgpack.packb([1, 4, "", "lobby", "", True, encode_disconnect(4000, ""), 0.0],
+                        use_bin_type=True)
+    with pytest.raises(EnvelopeError, match="user's room"):
+        decode(raw)
+
