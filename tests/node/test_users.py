@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Final
+from urllib.parse import quote
 
 import aiohttp
 import msgpack
 import pytest
 from aiohttp import web
 
-from roomcast.broker import MemoryBroker, Publisher
-from roomcast.node import Hub
+from roomcast.broker import MemoryBroker, MemoryBus, Publisher
+from roomcast.node import HUB, Connection, EventHandler, Hub
+from roomcast.node.app import NodeOptions, create_app
 from roomcast.node.auth import Auth, Identity
 from roomcast.shared.envelope import Envelope, Kind, decode, encode
 from roomcast.shared.errors import EnvelopeError
@@ -42,6 +45,8 @@ class QueryUser:
 
 
 AUTH = Auth(QueryUser())
+KEY: Final = "s3cret-key"
+API: Final = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(params=["memory", "redis", "redis-cluster"])
@@ -182,7 +187,6 @@ async def test_v1_tab_gets_a_message_frame_and_bad_input_is_refused(serve: Serve
     app = web.Application()
     hub.attach(app)
     opened: asyncio.Queue[str] = asyncio.Queue()
-    from roomcast.node import EventHandler
 
     async def on_open(conn: object) -> None:
         await opened.put("open")
@@ -251,3 +255,60 @@ def test_disconnect_envelope_round_trip_and_validation() -> None:
     with pytest.raises(EnvelopeError, match="user's room"):
         decode(raw)
 
+
+
+# -- the HTTP API --------------------------------------------------------------------
+
+
+async def _api_node(serve: Serve, bus: MemoryBus, opened: asyncio.Queue[Connection]
+                    ) -> tuple[str, Hub]:
+    app = create_app(broker=MemoryBroker(bus), options=NodeOptions(api_key=KEY, auth=AUTH))
+    hub = app[HUB]
+    app.router.add_get("/test-ws", hub.route(EventHandler(on_open=opened.put)))
+    return await serve(app), hub
+
+
+async def test_http_api_users_across_two_nodes(serve: Serve) -> None:
+    """POST /api/users/{id}/messages, GET /api/users/{id} and DELETE
+    /api/users/{id}/connections reach the user's tabs on both nodes; bad input is 400."""
+    bus = MemoryBus()
+    opened: asyncio.Queue[Connection] = asyncio.Queue()
+    one, _ = await _api_node(serve, bus, opened)
+    two, _ = await _api_node(serve, bus, opened)
+    user = quote("ann smith", safe="")
+    async with aiohttp.ClientSession() as http:
+        tabs = []
+        for base in (one, two, two):
+            tabs.append(await http.ws_connect(
+                base.replace("http", "ws") + f"/test-ws?user={user}"))
+            await asyncio.wait_for(opened.get(), 5)
+        ids = sorted(t._response.headers["X-Roomcast-Connection"] for t in tabs)
+        async with http.get(f"{two}/api/users/{user}", headers=API) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"user": "ann smith", "count": 3, "connections": ids}
+        async with http.post(f"{one}/api/users/{user}/messages", data="hi",
+                             headers={**API, "Content-Type": "text/plain"}) as resp:
+            assert resp.status == 202, await resp.text()
+        assert [await t.receive_str(timeout=5) for t in tabs] == ["hi"] * 3
+        async with http.post(f"{one}/api/users/{user}/messages", data="x",
+                             headers={**API, "Idempotency-Key": "k1"}) as resp:
+            assert resp.status == 400
+        for query, why in (("code=abc", "not an integer"), ("code=1006", "may not be sent"),
+                           ("code=4000&code=4001", "at most once"),
+                           ("reason=" + "x" * 124, "123")):
+            async with http.delete(f"{one}/api/users/{user}/connections?{query}",
+                                   headers=API) as resp:
+                assert resp.status == 400
+                assert why in (await resp.json())["error"]
+        async with http.delete(f"{one}/api/users/{user}/connections",
+                               headers={"Authorization": "Bearer wrong"}) as resp:
+            assert resp.status == 401
+        async with http.get(f"{one}/api/rooms/{quote(user_room('ann'), safe='')}",
+                            headers=API) as resp:
+            assert resp.status == 400
+        async with http.delete(f"{two}/api/users/{user}/connections?code=4003&reason=gone",
+                               headers=API) as resp:
+            assert resp.status == 202
+        for t in tabs:
+            msg = await t.receive(timeout=5)
+            assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 4003, "gone")
