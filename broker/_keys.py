@@ -3,7 +3,9 @@
 Channels: ``{prefix}:room:{room}``, ``{prefix}:node:{node}`` (sends to that node's
 connections) and ``{prefix}:all``. Presence: the hash ``{prefix}:presence:{room}``
 (connection id -> node id), the set ``{prefix}:node-rooms:{node}`` (rooms a node has
-presence in, for cleanup) and the sorted set ``{prefix}:nodes`` (node -> last heartbeat).
+presence in, for cleanup), the hash ``{prefix}:people:{node}`` (connection id -> the
+info of its user, for ``room_presence``) and the sorted set ``{prefix}:nodes`` (node ->
+last heartbeat).
 
 On a Redis Cluster (``cluster=True``) the channel names are the same, so each room's
 channel hashes on its whole name and rooms spread over the shards; the presence keys
@@ -75,6 +77,15 @@ class Keys:
     def presence_prefix(self) -> str:
         """What precedes the room name in a presence hash key (Lua scripts build keys)."""
         return f"{self._key_root}:presence:"
+
+    @property
+    def people_prefix(self) -> str:
+        """What precedes the node id in a node's people hash (connection -> info)."""
+        return f"{self._key_root}:people:"
+
+    def people(self, node: str) -> str:
+        """The hash of ``node``'s connections' presence info (connection -> bytes)."""
+        return self.people_prefix + node
 
     @property
     def node_rooms_prefix(self) -> str:

@@ -82,6 +82,15 @@ from roomcast.shared.ids import (
     node_of,
     validate_room,
 )
+from roomcast.shared.presence import (
+    Presence,
+    PresenceCallback,
+    PresenceEvent,
+    decode_event,
+    decode_info,
+    encode_event,
+    encode_info,
+)
 from roomcast.shared.rfc6455 import CloseCode
 from roomcast.shared.rfc6455 import Data as Data  # re-exported: node.api imports it here
 from roomcast.shared.users import (
@@ -146,6 +155,7 @@ class Hub:
         self._framed_conns: dict[ConnectionId, Connection] = {}
         self._users: dict[Room, dict[ConnectionId, Connection]] = {}
         """Each user's internal room: its connections on this node."""
+        self._presence_callbacks: list[PresenceCallback] = []
         """The roomcast.v1 connections (also in ``_connections``)."""
         self._pending: dict[Room, dict[ConnectionId, PendingJoin]] = {}
         """v1 members joining rooms with history, not yet caught up with the stream."""
@@ -166,7 +176,8 @@ class Hub:
         if self._started:
             return
         self._loop = asyncio.get_running_loop()
-        await self.broker.start(self.node_id, self._on_envelope, resumed=self._on_resumed)
+        await self.broker.start(self.node_id, self._on_envelope, resumed=self._on_resumed,
+                                departed=self._on_departed)
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="roomcast-keepalive")
         self._started = True
         self._accepting = True
@@ -473,6 +484,8 @@ class Hub:
             try:
                 await self.broker.remove_presence(
                     conn.id, rooms if user is None else (*rooms, user[0]))
+                for room in rooms:
+                    await self._presence_changed(room, conn, False)
                 for room in emptied:
                     if not self._rooms.size(room):
                         await self.broker.unsubscribe(room)
@@ -528,19 +541,22 @@ class Hub:
                 self._send_one(conn, joined_frame(name))
             if first:
                 await self.broker.subscribe(name)
-            await self.broker.add_presence(name, conn.id)
+            await self.broker.add_presence(name, conn.id, self._info_of(conn))
+            await self._presence_changed(name, conn, True)
             return
         if not framed:
             first = self._rooms.join(name, conn.id, conn)
             await self._subscribe_history(name, history, first, start=True)
-            await self.broker.add_presence(name, conn.id)
+            await self.broker.add_presence(name, conn.id, self._info_of(conn))
+            await self._presence_changed(name, conn, True)
             return
         pending = PendingJoin(name)
         first = self._rooms.join(name, conn.id, conn, pending=True)
         self._pending.setdefault(name, {})[conn.id] = pending
         try:
             await self._subscribe_history(name, history, first, start=False)
-            await self.broker.add_presence(name, conn.id)
+            await self.broker.add_presence(name, conn.id, self._info_of(conn))
+            await self._presence_changed(name, conn, True)
             await self._recover(conn, name, history, pending, replay)
         finally:
             # Not caught up yet: it stays pending, served on its own until it has caught
@@ -678,6 +694,7 @@ class Hub:
         if conn.protocol is not None and conn.state is ConnectionState.OPEN:
             self._send_one(conn, left_frame(name))
         await self.broker.remove_presence(conn.id, (name,))
+        await self._presence_changed(name, conn, False)
         if last and not self._rooms.size(name):
             await self.broker.unsubscribe(name)
 
@@ -699,6 +716,115 @@ class Hub:
         if not self.broker.has_peers:
             return set(self._rooms.members(name))
         return await self.broker.room_members(name)
+
+    # -- presence --------------------------------------------------------------------
+
+    def on_presence(self, callback: PresenceCallback) -> PresenceCallback:
+        """Call ``callback(event)`` for every join and leave in a room this node has
+        members in, on whichever node it happens (usable as a decorator).
+
+        Each event is raised once per node: on the connection's own node when it joins
+        or leaves (its last local member leaving included), on other nodes with members
+        when the broker brings it; for a dead node's connections, within the presence
+        TTL, by the peer that removes their presence. At most once: a node cut off from
+        Redis misses events meanwhile (``room_presence`` tells who is there). Users'
+        internal rooms raise none. Callbacks run in the order they were added; a
+        coroutine function runs as a task; what they raise is logged.
+        """
+        self._presence_callbacks.append(callback)
+        return callback
+
+    async def room_presence(self, room: str) -> list[Presence]:
+        """Every member of ``room`` across the cluster, with user id and info (the user
+        id None and the info empty for anonymous connections), ordered by connection id.
+        BrokerError when the other nodes cannot be reached."""
+        name = check_not_user_room(validate_room(room))
+        if not self.broker.has_peers:
+            members = self._rooms.members(name)
+            found = [Presence(cid, c.user_id, c.user_info) for cid, c in members.items()]
+        else:
+            found = []
+            for cid, blob in (await self.broker.room_presence(name)).items():
+                try:
+                    found.append(decode_info(cid, blob))
+                except ValueError:
+                    found.append(Presence(cid, None, {}))  # another release's entry
+        return sorted(found, key=lambda p: p.connection)
+
+    async def room_users(self, room: str) -> dict[str, Mapping[str, Any]]:
+        """The users in ``room`` across the cluster (user id -> info): a user with
+        several connections there counts once; anonymous connections are left out."""
+        users: dict[str, Mapping[str, Any]] = {}
+        for member in await self.room_presence(room):
+            if member.user_id is not None:
+                users.setdefault(member.user_id, member.info)
+        return users
+
+    def _info_of(self, conn: Connection) -> bytes:
+        return encode_info(conn.user_id, conn.user_info)
+
+    async def _presence_changed(self, room: Room, conn: Connection, joined: bool) -> None:
+        """Raise a local join/leave here and publish it for the room's other nodes."""
+        event = PresenceEvent("join" if joined else "leave", room, conn.id, conn.user_id,
+                              conn.user_info)
+        self._raise_presence(event)
+        if self.broker.has_peers:
+            try:
+                await self.broker.publish(Envelope(
+                    Kind.PRESENCE, room, encode_event(joined, conn.id, self._info_of(conn)),
+                    True, self.node_id, "", time.time()))
+            except BrokerError as exc:
+                log.warning("presence event of %s in %r not published: %s", conn.id, room,
+                            exc)
+
+    def _raise_presence(self, event: PresenceEvent) -> None:
+        for callback in self._presence_callbacks:
+            try:
+                result = callback(event)
+            except Exception:
+                log.exception("presence callback raised")
+                continue
+            if asyncio.iscoroutine(result):
+                task = asyncio.ensure_future(result)
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._presence_done)
+
+    def _presence_done(self, task: asyncio.Task[Any]) -> None:
+        self._callback_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("presence callback raised", exc_info=task.exception())
+
+    def _on_departed(self, entries: list[tuple[Room, ConnectionId, bytes]]) -> None:
+        """This node removed a dead node's presence: raise and publish its leaves."""
+        events: list[tuple[PresenceEvent, bytes]] = []
+        for room, cid, blob in entries:
+            if is_user_room(room):
+                continue
+            try:
+                who = decode_info(cid, blob)
+            except ValueError:
+                who = Presence(cid, None, {})
+            events.append((PresenceEvent("leave", room, cid, who.user_id, who.info), blob))
+        if not events:
+            return
+        for event, _ in events:
+            if self._rooms.size(Room(event.room)):
+                self._raise_presence(event)
+        task = asyncio.ensure_future(self._publish_departed(events))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _publish_departed(self, events: list[tuple[PresenceEvent, bytes]]) -> None:
+        if not self.broker.has_peers:
+            return
+        for event, blob in events:
+            try:
+                await self.broker.publish(Envelope(
+                    Kind.PRESENCE, event.room, encode_event(False, event.connection, blob),
+                    True, self.node_id, "", time.time()))
+            except BrokerError as exc:
+                log.warning("leave of %s (its node died) not published: %s",
+                            event.connection, exc)
 
     # -- users -----------------------------------------------------------------------
 
@@ -1065,6 +1191,10 @@ class Hub:
             self.on_envelope_latency(max(0.0, time.time() - env.sent_at))
         if env.kind is Kind.DISCONNECT:
             self._disconnect_local(Room(env.target), *decode_disconnect(env.payload))
+            return
+        if env.kind is Kind.PRESENCE:
+            if self._rooms.size(Room(env.target)):
+                self._raise_presence(decode_event(env.target, env.payload))
             return
         if env.kind is Kind.ROOM and is_user_room(env.target):
             self._deliver_user(Room(env.target), PreparedMessage(env.payload, binary=env.binary))

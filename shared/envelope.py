@@ -27,6 +27,7 @@ import msgpack
 
 from roomcast.shared.errors import EnvelopeError
 from roomcast.shared.ids import ConnectionId, NodeId, node_of, validate_node_id, validate_room
+from roomcast.shared.presence import decode_event
 from roomcast.shared.users import decode_disconnect, is_user_room
 
 ENVELOPE_VERSION: Final = 1
@@ -54,9 +55,13 @@ class Kind(IntEnum):
     """Close every member of the user's room ``target`` (``shared.users``) with the code
     and reason in ``payload`` (``encode_disconnect``). Travels on the room's channel;
     nodes of earlier releases drop it as an unknown kind."""
+    PRESENCE = 5
+    """A join or leave in the room ``target`` (``payload``: ``shared.presence.encode_event``,
+    checked on decode). Travels on the room's channel; nodes of earlier
+    releases drop it as an unknown kind (counted in ``dropped``)."""
 
 
-ROOM_CHANNEL_KINDS: Final = frozenset({Kind.ROOM, Kind.DISCONNECT})
+ROOM_CHANNEL_KINDS: Final = frozenset({Kind.ROOM, Kind.DISCONNECT, Kind.PRESENCE})
 """Kinds published on the channel of the room ``target``."""
 
 
@@ -113,6 +118,11 @@ def _validate(env: Envelope) -> None:
             node_of(env.target)
         elif env.kind is Kind.DISCONNECT:
             _validate_disconnect(env)
+        elif env.kind is Kind.PRESENCE:
+            validate_room(env.target)
+            if not env.binary or env.exclude:
+                raise EnvelopeError("a presence envelope is binary and excludes no one")
+            decode_event(env.target, env.payload)
         elif env.target:
             raise EnvelopeError("a broadcast to everyone has no target")
         if env.origin:

@@ -23,6 +23,7 @@ from roomcast.node.app import NodeOptions, create_app
 from roomcast.node.auth import Auth, Identity
 from roomcast.shared.envelope import Envelope, Kind, decode, encode
 from roomcast.shared.errors import EnvelopeError
+from roomcast.shared.presence import Presence, PresenceEvent
 from roomcast.shared.users import (
     USER_ROOM_PREFIX,
     decode_disconnect,
@@ -312,3 +313,80 @@ async def test_http_api_users_across_two_nodes(serve: Serve) -> None:
         for t in tabs:
             msg = await t.receive(timeout=5)
             assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 4003, "gone")
+
+
+# -- presence with people, and its events ---------------------------------------------
+
+
+def _watch(hub: Hub) -> asyncio.Queue[PresenceEvent]:
+    events: asyncio.Queue[PresenceEvent] = asyncio.Queue()
+    hub.on_presence(events.put_nowait)
+    return events
+
+
+async def _next(events: asyncio.Queue[PresenceEvent], count: int
+                ) -> list[tuple[str, str | None]]:
+    out = []
+    async with asyncio.timeout(10):
+        for _ in range(count):
+            event = await events.get()
+            out.append((event.kind, event.user_id))
+    return out
+
+
+async def test_room_presence_and_users_across_nodes(ucluster: Cluster) -> None:
+    """room_presence lists every member with user id and info on every node; room_users
+    counts a user with two tabs once and leaves anonymous members out."""
+    a1 = await cluster_tab(ucluster, 0, "ann", "r", name="Ann")
+    a2 = await cluster_tab(ucluster, 2, "ann", "r", name="Ann")
+    b = await cluster_tab(ucluster, 1, "bob", "r", name="Bob")
+    anon = await ucluster.member(1, "r")
+    expected = sorted([
+        Presence(a1.conn.id, "ann", {"name": "Ann"}),
+        Presence(a2.conn.id, "ann", {"name": "Ann"}),
+        Presence(b.conn.id, "bob", {"name": "Bob"}),
+        Presence(anon.conn.id, None, {}),
+    ], key=lambda p: p.connection)
+    for hub in ucluster.hubs:
+        assert await hub.room_presence("r") == expected
+        assert await hub.room_users("r") == {"ann": {"name": "Ann"}, "bob": {"name": "Bob"}}
+    await b.ws.close()
+    assert await asyncio.wait_for(ucluster.closed.get(), 5) == b.conn.id
+    assert await ucluster.hubs[0].room_users("r") == {"ann": {"name": "Ann"}}
+    with pytest.raises(ValueError, match="reserved for users"):
+        await ucluster.hubs[0].room_presence(user_room("ann"))
+
+
+async def test_presence_events_once_on_every_node_with_members(ucluster: Cluster) -> None:
+    """Each join and leave is raised once on every node that has members in the room at
+    the time (and on the connection's own node), with the user's info; other rooms and
+    users' internal rooms raise nothing there."""
+    events = [_watch(hub) for hub in ucluster.hubs]
+    ann = await cluster_tab(ucluster, 0, "ann", "r", name="Ann")
+    assert await _next(events[0], 1) == [("join", "ann")]
+    bob = await cluster_tab(ucluster, 1, "bob", "r", name="Bob")
+    assert await _next(events[0], 1) == [("join", "bob")]
+    assert await _next(events[1], 1) == [("join", "bob")]
+    carl = await cluster_tab(ucluster, 2, "carl", "r", name="Carl")
+    for i in range(3):
+        event = await asyncio.wait_for(events[i].get(), 10)
+        assert (event.kind, event.room, event.connection, event.user_id, event.info) == (
+            "join", "r", carl.conn.id, "carl", {"name": "Carl"})
+    await ucluster.hubs[1].leave_room(bob.conn, "r")
+    for i in range(3):
+        assert await _next(events[i], 1) == [("leave", "bob")]
+    await carl.ws.close()
+    for i in (0, 2):  # node 1 has no member in the room any more
+        assert await _next(events[i], 1) == [("leave", "carl")]
+    # once: a last join is the next event wherever the room has members
+    await ucluster.hubs[1].join_room(bob.conn, "r")
+    for i in (0, 1):
+        assert await _next(events[i], 1) == [("join", "bob")]
+    for queue in events:
+        assert queue.empty()
+    assert ann.conn.rooms == frozenset({"r"})
+
+
+async def cluster_tab(cluster: Cluster, node: int, user: str, *rooms: str, name: str
+                      ) -> Member:
+    return await cluster.member(node, *rooms, query=f"?user={user}&name={name}")
