@@ -4,8 +4,8 @@ Two hubs run in the test process (each with a member in the room, watching
 ``on_presence``) and one `roomcast serve` process with tokens, all on a private
 redis-server with a short presence TTL. A user joins the room on the process and is seen
 joining once on each hub; the process is SIGKILLed, and within the presence TTL (plus
-one heartbeat) the hub whose heartbeat sweeps it raises the user's leave and publishes it for the other:
-each hub sees it exactly once, with the user's info.
+one heartbeat) the hub whose heartbeat sweeps it raises the user's leave and publishes
+it for the other: each hub sees it exactly once, with the user's info.
 """
 
 from __future__ import annotations
