@@ -27,6 +27,7 @@ from roomcast.shared.envelope import Envelope, Kind, encode
 from roomcast.shared.errors import BrokerError, PublishError
 from roomcast.shared.history import HistoryPage, HistoryPolicy, Position
 from roomcast.shared.ids import ConnectionId, Room, node_of, validate_room
+from roomcast.shared.presence import Presence, decode_info
 from roomcast.shared.users import check_not_user_room, encode_disconnect, user_room
 
 Data = str | bytes
@@ -152,6 +153,24 @@ class Publisher:
                 self._transport, self._keys, room, self._presence_ttl)
         except REDIS_ERRORS as exc:
             raise BrokerError(self._transport.describe(exc)) from exc
+
+    async def room_presence(self, room: str) -> list[Presence]:
+        """Every member of ``room`` on a live node with its user id and info (as
+        ``Hub.room_presence``); BrokerError if Redis is unreachable."""
+        room = check_not_user_room(validate_room(room))
+        self._require_open()
+        try:
+            found = await scripts.room_presence(
+                self._transport, self._keys, room, self._presence_ttl)
+        except REDIS_ERRORS as exc:
+            raise BrokerError(self._transport.describe(exc)) from exc
+        members = []
+        for connection, blob in found.items():
+            try:
+                members.append(decode_info(connection, blob))
+            except ValueError:
+                members.append(Presence(connection, None, {}))
+        return sorted(members, key=lambda p: p.connection)
 
     async def send_to_user(self, user_id: str, data: Data) -> None:
         """Send ``data`` to every connection of the user (``conn.user_id``) on every node;

@@ -156,6 +156,9 @@ class Hub:
         self._users: dict[Room, dict[ConnectionId, Connection]] = {}
         """Each user's internal room: its connections on this node."""
         self._presence_callbacks: list[PresenceCallback] = []
+        self.presence_info: Callable[[Connection], Mapping[str, Any]] | None = None
+        """What presence shows of a connection (``room_presence``, events); None: its
+        identity's info (``conn.user_info``; nothing for anonymous connections)."""
         """The roomcast.v1 connections (also in ``_connections``)."""
         self._pending: dict[Room, dict[ConnectionId, PendingJoin]] = {}
         """v1 members joining rooms with history, not yet caught up with the stream."""
@@ -741,7 +744,7 @@ class Hub:
         name = check_not_user_room(validate_room(room))
         if not self.broker.has_peers:
             members = self._rooms.members(name)
-            found = [Presence(cid, c.user_id, c.user_info) for cid, c in members.items()]
+            found = [Presence(cid, c.user_id, self._shown(c)) for cid, c in members.items()]
         else:
             found = []
             for cid, blob in (await self.broker.room_presence(name)).items():
@@ -760,13 +763,17 @@ class Hub:
                 users.setdefault(member.user_id, member.info)
         return users
 
+    def _shown(self, conn: Connection) -> Mapping[str, Any]:
+        hook = self.presence_info
+        return conn.user_info if hook is None else hook(conn)
+
     def _info_of(self, conn: Connection) -> bytes:
-        return encode_info(conn.user_id, conn.user_info)
+        return encode_info(conn.user_id, self._shown(conn))
 
     async def _presence_changed(self, room: Room, conn: Connection, joined: bool) -> None:
         """Raise a local join/leave here and publish it for the room's other nodes."""
         event = PresenceEvent("join" if joined else "leave", room, conn.id, conn.user_id,
-                              conn.user_info)
+                              self._shown(conn))
         self._raise_presence(event)
         if self.broker.has_peers:
             try:

@@ -55,9 +55,9 @@ PresenceCallback = Callable[[PresenceEvent], "Awaitable[None] | None"]
 
 
 def encode_info(user_id: str | None, info: Mapping[str, Any]) -> bytes:
-    """The stored form of a connection's user: b"" for an anonymous one. Values msgpack
-    cannot carry are stored as their ``str``."""
-    if user_id is None:
+    """The stored form of a connection's user: b"" for an anonymous one without info.
+    Values msgpack cannot carry are stored as their ``str``."""
+    if user_id is None and not info:
         return b""
     data: bytes = msgpack.packb([user_id, dict(info)], use_bin_type=True, default=str)
     return data
@@ -71,8 +71,8 @@ def decode_info(connection: ConnectionId, data: bytes) -> Presence:
         obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated exception types
         raise ValueError(f"presence info is not msgpack: {exc.__class__.__name__}") from None
-    if (not isinstance(obj, list) or len(obj) != 2 or not isinstance(obj[0], str)
-            or not isinstance(obj[1], dict)):
+    if (not isinstance(obj, list) or len(obj) != 2
+            or not (obj[0] is None or isinstance(obj[0], str)) or not isinstance(obj[1], dict)):
         raise ValueError("presence info must be a msgpack array [user id, info map]")
     return Presence(connection, obj[0], obj[1])
 

@@ -8,8 +8,9 @@ Cluster), with real client sockets; a test authenticator takes the user from ``?
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Any, Final, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -163,7 +164,9 @@ def _publisher(cluster: Cluster) -> Publisher:
 async def test_publisher_reaches_users(rcluster: Cluster) -> None:
     """Publisher.send_to_user, user_connections and disconnect_user, on Redis."""
     tabs = [await tab(rcluster, i, "ann") for i in range(3)]
+    await rcluster.hubs[0].join_room(tabs[0].conn, "r")
     async with _publisher(rcluster) as pub:
+        assert await pub.room_presence("r") == [Presence(tabs[0].conn.id, "ann", {"name": "ann"})]
         assert await pub.user_connections("ann") == {t.conn.id for t in tabs}
         await pub.send_to_user("ann", "from a worker")
         assert [await t.recv() for t in tabs] == ["from a worker"] * 3
@@ -390,3 +393,44 @@ async def test_presence_events_once_on_every_node_with_members(ucluster: Cluster
 async def cluster_tab(cluster: Cluster, node: int, user: str, *rooms: str, name: str
                       ) -> Member:
     return await cluster.member(node, *rooms, query=f"?user={user}&name={name}")
+
+
+# -- the demo chat's member list -------------------------------------------------------
+
+
+async def _until(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+    """The next JSON message of type ``kind`` (other messages before it are skipped)."""
+    async with asyncio.timeout(10):
+        while True:
+            msg = json.loads(await ws.receive_str())
+            if msg.get("type") == kind:
+                return cast(dict[str, Any], msg)
+
+
+async def test_demo_chat_member_list_across_nodes(serve: Serve) -> None:
+    """A chat socket with presence=1 gets the room's member list with names on join and
+    a presence update for every join and leave on either node; one without it gets the
+    chat as before (the join notice first)."""
+    bus = MemoryBus()
+    one = (await serve(create_app(broker=MemoryBroker(bus)))).replace("http", "ws")
+    two = (await serve(create_app(broker=MemoryBroker(bus)))).replace("http", "ws")
+    async with aiohttp.ClientSession() as http:
+        ann = await http.ws_connect(f"{one}/chat?room=r&name=Ann&presence=1")
+        ann_id = ann._response.headers["X-Roomcast-Connection"]
+        listing = await _until(ann, "members")
+        assert listing["members"] == [{"id": ann_id, "name": "Ann"}]
+        bob = await http.ws_connect(f"{two}/chat?room=r&name=Bob&presence=1")
+        bob_id = bob._response.headers["X-Roomcast-Connection"]
+        assert await _until(ann, "presence") == {"type": "presence", "event": "join",
+                                                 "id": bob_id, "name": "Bob"}
+        listing = await _until(bob, "members")
+        assert sorted(m["name"] for m in listing["members"]) == ["Ann", "Bob"]
+        plain = await http.ws_connect(f"{two}/chat?room=r&name=Cy")
+        assert json.loads(await plain.receive_str(timeout=5)) == {
+            "type": "join", "name": "Cy", "members": 3}
+        assert (await _until(ann, "presence"))["name"] == "Cy"
+        await bob.close()
+        assert await _until(ann, "presence") == {"type": "presence", "event": "leave",
+                                                 "id": bob_id, "name": "Bob"}
+        await plain.close()
+        await ann.close()
