@@ -72,6 +72,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -201,6 +208,10 @@ _SERVE_OPTIONS = [
             "a node silent this long is dead: its members leave every room"),
     _Option("--max-connections", "ROOMCAST_MAX_CONNECTIONS", _positive,
             DEFAULT_MAX_CONNECTIONS, "connections this node accepts; more get HTTP 503"),
+    _Option("--max-connections-per-user", "ROOMCAST_MAX_CONNECTIONS_PER_USER",
+            _non_negative_int, 0,
+            "connections one user (a token's sub) may have open across the cluster; more "
+            "get HTTP 429 (0: no limit)"),
     _Option("--max-message-size", "ROOMCAST_MAX_MESSAGE_SIZE", _positive,
             DEFAULT_MAX_MESSAGE_SIZE, "largest message in bytes; larger closes with 1009"),
     _Option("--ping-interval-ms", "ROOMCAST_PING_INTERVAL_MS", _positive,
@@ -335,6 +346,7 @@ def build_config(values: dict[str, Any]) -> HubConfig:
         send_buffer_limit=values["send_buffer_limit"],
         history=build_history(values),
         recovery_max=values["recovery_max"],
+        max_connections_per_user=values["max_connections_per_user"],
     )
 
 

@@ -352,6 +352,19 @@ class Hub:
                 text=f"node is full ({self.config.max_connections} connections)\n",
                 headers={"Retry-After": "1"},
             )
+        per_user = self.config.max_connections_per_user
+        if per_user and identity is not None:
+            try:
+                open_now = len(await self.user_connections(identity.user_id))
+            except BrokerError:  # the cluster cannot be asked: count this node's
+                open_now = len(self.local_user_connections(identity.user_id))
+            if open_now >= per_user:
+                self.stats.refused_user_limit += 1
+                log.info("refused %s from %s: user has %d connections (limit %d)",
+                         request.path, request.remote, open_now, per_user)
+                return web.Response(
+                    status=429, text=f"this user has {open_now} connections open, the limit "
+                    f"is {per_user}: close one before opening another\n")
 
         wbits, no_takeover = 0, False
         if self.config.enable_compression:

@@ -146,7 +146,7 @@ async def test_output_parses_with_every_family_and_type(serve: Serve) -> None:
         assert outcomes == ({"recovered", "not_recovered"} if name == "roomcast_recoveries"
                             else {"filled", "lost"}), name
     assert reasons == {"full", "origin", "handshake", "draining", "auth", "forbidden", "rate",
-                       "handshake_timeout"}
+                       "handshake_timeout", "user_limit"}
 
 
 async def test_connections_messages_bytes_and_broadcasts(serve: Serve) -> None:

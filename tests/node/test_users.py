@@ -16,10 +16,11 @@ from urllib.parse import quote
 import aiohttp
 import msgpack
 import pytest
+import websockets
 from aiohttp import web
 
 from roomcast.broker import MemoryBroker, MemoryBus, Publisher
-from roomcast.node import HUB, Connection, EventHandler, Hub
+from roomcast.node import HUB, Connection, EventHandler, Hub, HubConfig
 from roomcast.node.app import NodeOptions, create_app
 from roomcast.node.auth import Auth, Identity
 from roomcast.shared.envelope import Envelope, Kind, decode, encode
@@ -434,3 +435,41 @@ async def test_demo_chat_member_list_across_nodes(serve: Serve) -> None:
                                                  "id": bob_id, "name": "Bob"}
         await plain.close()
         await ann.close()
+
+
+# -- the per-user connection limit -----------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limited(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator[Cluster]:
+    async with _cluster(request, serve, HubConfig(max_connections_per_user=2), AUTH) as made:
+        yield made
+
+
+async def test_max_connections_per_user_across_nodes(limited: Cluster) -> None:
+    """A user's third connection, on any node, is refused with 429 (counted); others
+    are not limited by it; once one closes the user may open another."""
+    first = await tab(limited, 0, "ann")
+    second = await tab(limited, 1, "ann")  # kept: an unreferenced socket may be collected
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(limited.urls[2] + "?user=ann", open_timeout=10):
+            pass
+    assert refused.value.response.status_code == 429
+    assert b"limit is 2" in refused.value.response.body
+    assert limited.hubs[2].stats.refused_user_limit == 1
+    others = [await tab(limited, 2, "bob"), await limited.member(2)]  # anonymous: no limit
+    await first.ws.close()
+    assert await asyncio.wait_for(limited.closed.get(), 5) == first.conn.id
+    again = await tab(limited, 2, "ann")
+    assert await limited.hubs[0].user_connections("ann") == {again.conn.id, second.conn.id}
+    assert all(not m.ws.closed for m in others)
+    for member in (second, again, *others):
+        await member.ws.close()
+
+
+def test_max_connections_per_user_is_checked() -> None:
+    assert HubConfig().max_connections_per_user == 0
+    with pytest.raises(ValueError, match=">= 0"):
+        HubConfig(max_connections_per_user=-1)
+    with pytest.raises(TypeError, match="int"):
+        HubConfig(max_connections_per_user=True)
