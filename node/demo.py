@@ -88,8 +88,8 @@ def _on_presence(hub: Hub) -> Callable[[PresenceEvent], None]:
         """A join or leave anywhere: tell this node's members of the room who asked."""
         update = json.dumps({"type": "presence", "event": event.kind, "id": event.connection,
                              "name": str(event.info.get("name") or "anonymous")})
-        for conn in hub.connections():
-            if conn.is_open and _wants_presence(conn) and conn.in_room(event.room):
+        for conn in hub.local_members(event.room):
+            if conn.is_open and _wants_presence(conn):
                 conn.send_prepared(conn.prepare(update.encode(), binary=False))
     return changed
 

@@ -718,6 +718,10 @@ class Hub:
         """Members of ``room`` on this node only."""
         return self._rooms.size(validate_room(room))
 
+    def local_members(self, room: str) -> list[Connection]:
+        """The connections in ``room`` on this node."""
+        return list(self._rooms.members(validate_room(room)).values())
+
     def local_rooms(self) -> list[Room]:
         """Rooms with at least one member on this node."""
         return list(self._rooms.rooms())
