@@ -19,7 +19,7 @@ import pytest
 import websockets
 from aiohttp import web
 
-from roomcast.broker import MemoryBroker, MemoryBus, Publisher
+from roomcast.broker import MemoryBroker, MemoryBus, Publisher, RedisBroker
 from roomcast.node import HUB, Connection, EventHandler, Hub, HubConfig
 from roomcast.node.app import NodeOptions, create_app
 from roomcast.node.auth import Auth, Identity
@@ -473,3 +473,41 @@ def test_max_connections_per_user_is_checked() -> None:
         HubConfig(max_connections_per_user=-1)
     with pytest.raises(TypeError, match="int"):
         HubConfig(max_connections_per_user=True)
+
+
+# -- a node that stops heartbeating is swept: its members leave ------------------------
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def swept(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterator[Cluster]:
+    async with _cluster(request, serve, None, AUTH) as made:
+        yield made
+
+
+async def test_silent_node_members_leave_once_on_the_others(swept: Cluster) -> None:
+    """Node 2 stops heartbeating (as if frozen or killed); once the presence TTL passed,
+    the live node that sweeps it raises a leave for each of its members in the room and
+    publishes it: each live node with members sees it once, with the user's info, on one
+    Redis server and on a Redis Cluster (the heartbeat script returns what it swept)."""
+    events = [_watch(hub) for hub in swept.hubs[:2]]
+    members = [await cluster_tab(swept, i, "ann" if i < 2 else "zoe", "r", name=f"n{i}")
+               for i in range(3)]
+    for queue, expected in zip(events, (3, 2), strict=True):
+        async with asyncio.timeout(10):
+            for _ in range(expected):
+                assert (await queue.get()).kind == "join"
+    broker = swept.hubs[2].broker
+    assert isinstance(broker, RedisBroker)
+    task = broker._heartbeat_task  # the node goes silent: no more heartbeats
+    assert task is not None
+    task.cancel()
+    for queue in events:
+        event = await asyncio.wait_for(queue.get(), 20)
+        assert (event.kind, event.connection, event.user_id, dict(event.info)) == (
+            "leave", members[2].conn.id, "zoe", {"name": "n2"})
+    assert {p.user_id for p in await swept.hubs[0].room_presence("r")} == {"ann"}
+    # once: a later join is the next event on both live nodes
+    late = await cluster_tab(swept, 0, "bea", "r", name="Bea")
+    for queue in events:
+        event = await asyncio.wait_for(queue.get(), 10)
+        assert (event.kind, event.connection) == ("join", late.conn.id)
