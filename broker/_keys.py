@@ -3,7 +3,9 @@
 Channels: ``{prefix}:room:{room}``, ``{prefix}:node:{node}`` (sends to that node's
 connections) and ``{prefix}:all``. Presence: the hash ``{prefix}:presence:{room}``
 (connection id -> node id), the set ``{prefix}:node-rooms:{node}`` (rooms a node has
-presence in, for cleanup) and the sorted set ``{prefix}:nodes`` (node -> last heartbeat).
+presence in, for cleanup), the hash ``{prefix}:people:{node}`` (connection id -> the
+info of its user, for ``room_presence``) and the sorted set ``{prefix}:nodes`` (node ->
+last heartbeat).
 
 On a Redis Cluster (``cluster=True``) the channel names are the same, so each room's
 channel hashes on its whole name and rooms spread over the shards; the presence keys
@@ -38,7 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from roomcast.shared.envelope import Envelope, Kind
+from roomcast.shared.envelope import ROOM_CHANNEL_KINDS, Envelope, Kind
 from roomcast.shared.ids import node_of
 
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -75,6 +77,15 @@ class Keys:
     def presence_prefix(self) -> str:
         """What precedes the room name in a presence hash key (Lua scripts build keys)."""
         return f"{self._key_root}:presence:"
+
+    @property
+    def people_prefix(self) -> str:
+        """What precedes the node id in a node's people hash (connection -> info)."""
+        return f"{self._key_root}:people:"
+
+    def people(self, node: str) -> str:
+        """The hash of ``node``'s connections' presence info (connection -> bytes)."""
+        return self.people_prefix + node
 
     @property
     def node_rooms_prefix(self) -> str:
@@ -124,7 +135,7 @@ class Keys:
 
     def channel_for(self, envelope: Envelope) -> str:
         """The one channel ``envelope`` is published on, chosen by its kind."""
-        if envelope.kind is Kind.ROOM:
+        if envelope.kind in ROOM_CHANNEL_KINDS:
             return self.room_channel(envelope.target)
         if envelope.kind is Kind.CONNECTION:
             return self.node_channel(node_of(envelope.target))

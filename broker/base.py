@@ -39,6 +39,10 @@ Deliver = Callable[[Envelope], None]
 """Called by the broker, on the event loop, for every valid envelope from another node,
 and for this node's own envelopes that carry a position (rooms with history)."""
 
+Departed = Callable[[list[tuple[Room, ConnectionId, bytes]]], None]
+"""Called by the broker, on the event loop of the one node that swept a dead node's
+presence, with what it removed: (room, connection, info) for each entry."""
+
 Resumed = Callable[[frozenset[Room]], None]
 """Called by the broker, on the event loop, with rooms whose subscription came back after
 a lost link, a failover or a move (never for a first subscribe): their messages published
@@ -94,13 +98,15 @@ class Broker(Protocol):
         ...
 
     async def start(
-        self, node_id: NodeId, deliver: Deliver, *, resumed: Resumed | None = None
+        self, node_id: NodeId, deliver: Deliver, *, resumed: Resumed | None = None,
+        departed: Departed | None = None,
     ) -> None:
         """Connect, join this node's channel and the everyone channel, start listening.
 
         ``resumed`` (optional) is called with the subscribed rooms whose subscription
         came back after a gap (see ``Resumed``); rooms without history are included,
-        the hub ignores them.
+        the hub ignores them. ``departed`` (optional) is called on the node that removed
+        a dead node's presence, with the entries removed (see ``Departed``).
         """
         ...
 
@@ -155,8 +161,12 @@ class Broker(Protocol):
         """Stop receiving ``room``'s envelopes (its last local member left)."""
         ...
 
-    async def add_presence(self, room: Room, connection: ConnectionId) -> None:
-        """Record ``connection`` (on this node) as a member of ``room`` cluster-wide."""
+    async def add_presence(
+        self, room: Room, connection: ConnectionId, info: bytes = b""
+    ) -> None:
+        """Record ``connection`` (on this node) as a member of ``room`` cluster-wide;
+        ``info`` (the connection's user and info, opaque here) is kept with it until the
+        connection has left every room, for ``room_presence``."""
         ...
 
     async def remove_presence(self, connection: ConnectionId, rooms: Iterable[Room]) -> None:
@@ -165,6 +175,11 @@ class Broker(Protocol):
 
     async def room_members(self, room: Room) -> set[ConnectionId]:
         """Every live connection in ``room`` on every node."""
+        ...
+
+    async def room_presence(self, room: Room) -> dict[ConnectionId, bytes]:
+        """Every live connection in ``room`` on every node, with its ``info`` (b"" when
+        its node gave none)."""
         ...
 
 

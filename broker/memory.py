@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from roomcast.broker.base import (
     BrokerStats,
     Deliver,
+    Departed,
     Resumed,
     check_history_publish,
     check_history_read,
 )
-from roomcast.shared.envelope import Envelope, Kind, decode, encode
+from roomcast.shared.envelope import ROOM_CHANNEL_KINDS, Envelope, Kind, decode, encode
 from roomcast.shared.errors import BrokerError, EnvelopeError
 from roomcast.shared.history import History, HistoryPage, Position, new_epoch
 from roomcast.shared.ids import ConnectionId, NodeId, Room, node_of
@@ -59,6 +60,8 @@ class MemoryBus:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.brokers: dict[NodeId, MemoryBroker] = {}
         self.presence: dict[Room, dict[ConnectionId, NodeId]] = {}
+        self.people: dict[ConnectionId, bytes] = {}
+        """The info of connections with presence (``room_presence``)."""
         self.dropped = 0
         self.clock = clock
         self.histories: dict[Room, _RoomHistory] = {}
@@ -76,7 +79,7 @@ class MemoryBus:
                 continue
             if (
                 kind is Kind.ALL
-                or (kind is Kind.ROOM and target in broker.rooms)
+                or (kind in ROOM_CHANNEL_KINDS and target in broker.rooms)
                 or (kind is Kind.CONNECTION and node_of(target) == node)
             ):
                 asyncio.get_running_loop().call_soon(broker.receive_raw, data)
@@ -183,7 +186,8 @@ class MemoryBroker:
         return len(self._bus.brokers) > 1
 
     async def start(
-        self, node_id: NodeId, deliver: Deliver, *, resumed: Resumed | None = None
+        self, node_id: NodeId, deliver: Deliver, *, resumed: Resumed | None = None,
+        departed: Departed | None = None,
     ) -> None:
         if node_id in self._bus.brokers:
             raise BrokerError(f"node {node_id} is already on this bus")
@@ -201,6 +205,7 @@ class MemoryBroker:
             members = self._bus.presence[room]
             for conn in [c for c, n in members.items() if n == node]:
                 del members[conn]
+                self._bus.people.pop(conn, None)
             if not members:
                 del self._bus.presence[room]
         self.rooms.clear()
@@ -258,10 +263,14 @@ class MemoryBroker:
     async def unsubscribe(self, room: Room) -> None:
         self.rooms.discard(room)
 
-    async def add_presence(self, room: Room, connection: ConnectionId) -> None:
+    async def add_presence(
+        self, room: Room, connection: ConnectionId, info: bytes = b""
+    ) -> None:
         if self._node is None:
             raise BrokerError("broker is not started")
         self._bus.presence.setdefault(room, {})[connection] = self._node
+        if info:
+            self._bus.people[connection] = info
 
     async def remove_presence(self, connection: ConnectionId, rooms: Iterable[Room]) -> None:
         for room in rooms:
@@ -271,6 +280,13 @@ class MemoryBroker:
             members.pop(connection, None)
             if not members:
                 del self._bus.presence[room]
+        if connection in self._bus.people and not any(
+                connection in members for members in self._bus.presence.values()):
+            del self._bus.people[connection]
+
+    async def room_presence(self, room: Room) -> dict[ConnectionId, bytes]:
+        people = self._bus.people
+        return {conn: people.get(conn, b"") for conn in self._bus.presence.get(room, ())}
 
     async def room_members(self, room: Room) -> set[ConnectionId]:
         return set(self._bus.presence.get(room, ()))

@@ -1,8 +1,9 @@
 """Publish to roomcast from any Python process that does not run a node.
 
-A worker, a cron job or another web app can reach rooms, one connection or everyone,
-and read cluster-wide room membership, through the same Redis the nodes use (one server
-or a Redis Cluster, by the URL's scheme, as for the nodes)::
+A worker, a cron job or another web app can reach rooms, one connection, a user's
+connections or everyone, and read cluster-wide room and user membership, through the
+same Redis the nodes use (one server or a Redis Cluster, by the URL's scheme, as for the
+nodes)::
 
     async with Publisher("redis://redis:6379/0") as pub:
         await pub.publish_to_room("lobby", "hello")
@@ -25,7 +26,9 @@ from roomcast.broker.redis import check_positive, transport_for
 from roomcast.shared.envelope import Envelope, Kind, encode
 from roomcast.shared.errors import BrokerError, PublishError
 from roomcast.shared.history import HistoryPage, HistoryPolicy, Position
-from roomcast.shared.ids import ConnectionId, node_of, validate_room
+from roomcast.shared.ids import ConnectionId, Room, node_of, validate_room
+from roomcast.shared.presence import Presence, decode_info
+from roomcast.shared.users import check_not_user_room, encode_disconnect, user_room
 
 Data = str | bytes
 """A message: ``str`` is sent as a text frame, ``bytes`` as a binary frame."""
@@ -95,7 +98,7 @@ class Publisher:
         after a timeout. Rooms without history return None (and refuse a key:
         ValueError). Raises PublishError when Redis did not take the message.
         """
-        room = validate_room(room)
+        room = check_not_user_room(validate_room(room))
         history = self._history_policy.for_room(room)
         envelope = external_envelope(Kind.ROOM, room, data, exclude)
         history = check_history_publish(envelope, history, idempotency_key)
@@ -141,12 +144,50 @@ class Publisher:
 
     async def room_members(self, room: str) -> set[ConnectionId]:
         """Every connection in ``room`` on a live node; BrokerError if Redis is unreachable."""
+        return await self._members(check_not_user_room(validate_room(room)))
+
+    async def _members(self, room: Room) -> set[ConnectionId]:
         self._require_open()
         try:
             return await scripts.room_members(
-                self._transport, self._keys, validate_room(room), self._presence_ttl)
+                self._transport, self._keys, room, self._presence_ttl)
         except REDIS_ERRORS as exc:
             raise BrokerError(self._transport.describe(exc)) from exc
+
+    async def room_presence(self, room: str) -> list[Presence]:
+        """Every member of ``room`` on a live node with its user id and info (as
+        ``Hub.room_presence``); BrokerError if Redis is unreachable."""
+        room = check_not_user_room(validate_room(room))
+        self._require_open()
+        try:
+            found = await scripts.room_presence(
+                self._transport, self._keys, room, self._presence_ttl)
+        except REDIS_ERRORS as exc:
+            raise BrokerError(self._transport.describe(exc)) from exc
+        members = []
+        for connection, blob in found.items():
+            try:
+                members.append(decode_info(connection, blob))
+            except ValueError:
+                members.append(Presence(connection, None, {}))
+        return sorted(members, key=lambda p: p.connection)
+
+    async def send_to_user(self, user_id: str, data: Data) -> None:
+        """Send ``data`` to every connection of the user (``conn.user_id``) on every node;
+        PublishError when Redis did not take it."""
+        await self._publish(Kind.ROOM, user_room(user_id), data, None)
+
+    async def disconnect_user(
+        self, user_id: str, *, code: int = 1000, reason: str = ""
+    ) -> None:
+        """Close every connection of the user on every node with ``code`` and ``reason``
+        (ValueError for a code that may not be sent or a reason over 123 bytes)."""
+        await self._send(Envelope(Kind.DISCONNECT, user_room(user_id),
+                                  encode_disconnect(code, reason), True, sent_at=time.time()))
+
+    async def user_connections(self, user_id: str) -> set[ConnectionId]:
+        """The user's connections on live nodes; BrokerError if Redis is unreachable."""
+        return await self._members(user_room(user_id))
 
     async def room_size(self, room: str) -> int:
         """How many connections are in ``room`` across the cluster."""

@@ -38,11 +38,12 @@ from roomcast.broker._urls import is_cluster_url, redact_url
 from roomcast.broker.base import (
     BrokerStats,
     Deliver,
+    Departed,
     Resumed,
     check_history_publish,
     check_history_read,
 )
-from roomcast.shared.envelope import Envelope, Kind, decode, encode
+from roomcast.shared.envelope import ROOM_CHANNEL_KINDS, Envelope, decode, encode
 from roomcast.shared.errors import BrokerError, EnvelopeError, PublishError
 from roomcast.shared.history import History, HistoryPage, Position
 from roomcast.shared.ids import (
@@ -139,6 +140,11 @@ class RedisBroker:
 
         # This node's presence, re-applied whenever Redis may have lost or missed some.
         self._presence: dict[Room, set[ConnectionId]] = {}
+        self._people: dict[ConnectionId, bytes] = {}
+        """Info of this node's connections with presence (mirrored in their hash)."""
+        self._memberships: dict[ConnectionId, int] = {}
+        """How many rooms each connection of this node has presence in."""
+        self._departed: Departed | None = None
         self._presence_dirty = False
         self._last_warning: dict[str, float] = {}
         self.stats = BrokerStats()
@@ -162,7 +168,8 @@ class RedisBroker:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(
-        self, node_id: NodeId, deliver: Deliver, *, resumed: Resumed | None = None
+        self, node_id: NodeId, deliver: Deliver, *, resumed: Resumed | None = None,
+        departed: Departed | None = None,
     ) -> None:
         """Connect, subscribe this node's and the everyone channel, register, listen.
 
@@ -178,6 +185,7 @@ class RedisBroker:
         node = self._node = validate_node_id(node_id)
         self._deliver = deliver
         self._resumed = resumed
+        self._departed = departed
         listener = Listener(self._on_message, self._on_unsubscribed)
         try:
             await self._transport.start(
@@ -225,6 +233,8 @@ class RedisBroker:
         await self._history.close()
         await self._transport.close()
         self._presence.clear()
+        self._people.clear()
+        self._memberships.clear()
         self._rooms.clear()
 
     # -- publishing ------------------------------------------------------------------
@@ -321,18 +331,28 @@ class RedisBroker:
 
     # -- presence --------------------------------------------------------------------
 
-    async def add_presence(self, room: Room, connection: ConnectionId) -> None:
-        """Record ``connection`` in ``room``; never raises for Redis being down."""
+    async def add_presence(
+        self, room: Room, connection: ConnectionId, info: bytes = b""
+    ) -> None:
+        """Record ``connection`` in ``room`` (with ``info``); never raises for Redis
+        being down."""
         node = self._require_running()
         room = validate_room(room)
         owner = node_of(connection)
         if owner != node:
             raise ValueError(f"connection {connection} belongs to node {owner}, not {node}")
-        self._presence.setdefault(room, set()).add(connection)
-        await self._write_presence(
+        members = self._presence.setdefault(room, set())
+        if connection not in members:
+            members.add(connection)
+            self._memberships[connection] = self._memberships.get(connection, 0) + 1
+        commands: list[Command] = [
             ("HSET", self._keys.presence(room), connection, node),
             ("SADD", self._keys.node_rooms(node), room),
-        )
+        ]
+        if info:
+            self._people[connection] = info
+            commands.append(("HSET", self._keys.people(node), connection, info))
+        await self._write_presence(*commands)
 
     async def remove_presence(self, connection: ConnectionId, rooms: Iterable[Room]) -> None:
         """Withdraw ``connection`` from ``rooms``; never raises for Redis being down."""
@@ -340,10 +360,17 @@ class RedisBroker:
         commands: list[Command] = []
         for room in rooms:
             members = self._presence.get(room)
-            if members is not None:
+            if members is not None and connection in members:
                 members.discard(connection)
                 if not members:
                     del self._presence[room]
+                left = self._memberships.get(connection, 1) - 1
+                if left > 0:
+                    self._memberships[connection] = left
+                else:
+                    self._memberships.pop(connection, None)
+                    if self._people.pop(connection, None) is not None and node is not None:
+                        commands.append(("HDEL", self._keys.people(node), connection))
             commands.append(("HDEL", self._keys.presence(room), connection))
             if node is not None and room not in self._presence:
                 commands.append(("SREM", self._keys.node_rooms(node), room))
@@ -356,6 +383,17 @@ class RedisBroker:
             raise BrokerError("this RedisBroker is closed")
         try:
             return await scripts.room_members(
+                self._transport, self._keys, validate_room(room), self._presence_ttl)
+        except REDIS_ERRORS as exc:
+            raise BrokerError(self._transport.describe(exc)) from exc
+
+    async def room_presence(self, room: Room) -> dict[ConnectionId, bytes]:
+        """Every connection in ``room`` on a live node with its info; BrokerError if
+        Redis is unreachable."""
+        if self._closed:
+            raise BrokerError("this RedisBroker is closed")
+        try:
+            return await scripts.room_presence(
                 self._transport, self._keys, validate_room(room), self._presence_ttl)
         except REDIS_ERRORS as exc:
             raise BrokerError(self._transport.describe(exc)) from exc
@@ -378,7 +416,8 @@ class RedisBroker:
     async def _resync_presence(self, node: NodeId) -> None:
         """Replace this node's presence in Redis by the local mirror, atomically."""
         self._presence_dirty = False
-        await self._write_presence(scripts.resync(self._keys, node, self._presence))
+        await self._write_presence(
+            scripts.resync(self._keys, node, self._presence, self._people))
 
     async def _heartbeat(self) -> None:
         """Refresh this node's score, sweep dead nodes, re-sync presence if needed.
@@ -388,7 +427,7 @@ class RedisBroker:
         node = self._require_running()
         # through the pipeline, so a beat still in flight can't land after close()'s
         # withdrawal and bring a closed node back
-        added, dead = await call(
+        added, dead, departed = await call(
             self._transport, self._keys.nodes,
             scripts.heartbeat(self._keys, node, self._presence_ttl))
         # the presence slot answers again: publishes there may try again
@@ -396,6 +435,11 @@ class RedisBroker:
         if dead:
             log.info("removed the presence of dead nodes %s",
                      ", ".join(scripts.as_text(n) for n in dead))
+        if departed and self._departed is not None:
+            try:
+                self._departed(scripts.departed_entries(departed))
+            except Exception:
+                log.exception("departed callback raised; the heartbeat goes on")
         if added and self._presence:
             log.info("node %s was missing from Redis (swept, restarted or failed over); "
                      "re-registering its presence", node)
@@ -462,7 +506,7 @@ class RedisBroker:
             return
         if envelope.origin and envelope.origin == self._node and not envelope.offset:
             return  # our own publish: the hub already delivered it locally
-        if envelope.kind is Kind.ROOM and envelope.target not in self._rooms:
+        if envelope.kind in ROOM_CHANNEL_KINDS and envelope.target not in self._rooms:
             return  # in flight when the room's last local member left
         self.stats.received += 1
         if self._deliver is None:

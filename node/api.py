@@ -8,16 +8,25 @@ Content-Type, sends text, ``application/octet-stream`` sends binary. Every reply
     POST /api/connections/{id}/messages            send_to               202, 404
     POST /api/broadcast[?exclude=ID]               broadcast             202
     GET  /api/rooms/{room}                         room_members          200
+    POST /api/users/{user}/messages                send_to_user          202
+    DELETE /api/users/{user}/connections[?code=N&reason=TEXT]
+                                                   disconnect_user       202
+    GET  /api/users/{user}                         user_connections      200
 
 In a room with history the 202 body also carries the message's position (``room``,
 ``epoch``, ``offset``), and an ``Idempotency-Key`` header makes a retry safe: a retried
 request with the same key within max(history ttl, 5 minutes) gets the first request's
 position and is neither stored nor delivered again.
 
-Refusals: 400 bad room, id, body or idempotency key (or a key for a room without
-history, a broadcast or a message to one connection); 401 no or wrong key; 413 body
-over ``max_message_size``; 415 other media types or content codings; 503 the broker
-failed.
+A user is the ``user_id`` of its connections' identities (``node.auth``); the user's
+messages and disconnects reach its connections on every node. ``DELETE`` closes them
+with ``code`` (default 1000; 1000, 1001, 1008, 1011-1014 or 3000-4999) and ``reason``
+(at most 123 bytes of UTF-8).
+
+Refusals: 400 bad room, id, body, close code or reason, or idempotency key (or a key for
+a room without history, a broadcast or a message to one connection or a user); 401 no
+or wrong key; 413 body over ``max_message_size``; 415 other media types or content
+codings; 503 the broker failed.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from roomcast.node.hub import Data, Hub
 from roomcast.shared.errors import BrokerError
 from roomcast.shared.history import Position, validate_idempotency_key
 from roomcast.shared.ids import Room, node_of, validate_room
+from roomcast.shared.users import check_close, check_not_user_room
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -80,6 +90,10 @@ def setup_api(app: web.Application, hub: Hub, api_key: str | None) -> None:
     router.add_post("/api/broadcast", api.endpoint(api.post_broadcast),
                     expect_handler=api.expect)
     router.add_get("/api/rooms/{room}", api.endpoint(api.get_room))
+    router.add_post("/api/users/{user}/messages", api.endpoint(api.post_user),
+                    expect_handler=api.expect)
+    router.add_delete("/api/users/{user}/connections", api.endpoint(api.delete_user))
+    router.add_get("/api/users/{user}", api.endpoint(api.get_user))
 
 
 class _Api:
@@ -166,6 +180,51 @@ class _Api:
         return web.json_response({"room": room, "size": len(members),
                                   "members": sorted(members)})
 
+    async def post_user(self, request: web.Request) -> web.StreamResponse:
+        """Send the body to every connection of a user, on every node."""
+        user = request.match_info["user"]
+        _no_idempotency_key(request, "a message to a user")
+        data = await self._read_message(request)
+        try:
+            await self._hub.send_to_user(user, data)
+        except BrokerError as exc:
+            raise _Refusal(
+                503, "delivered to the user's connections on this node only; other "
+                f"nodes were not reached ({exc})") from exc
+        return _accepted()
+
+    async def delete_user(self, request: web.Request) -> web.StreamResponse:
+        """Close every connection of a user, on every node, with ``?code=`` and
+        ``?reason=``."""
+        user = request.match_info["user"]
+        code_text = _one(request, "code", "1000")
+        reason = _one(request, "reason", "")
+        try:
+            code = int(code_text)
+        except ValueError:
+            raise _Refusal(400, f"code: {code_text!r} is not an integer") from None
+        try:
+            check_close(code, reason)
+        except ValueError as exc:
+            raise _Refusal(400, str(exc)) from None
+        try:
+            await self._hub.disconnect_user(user, code=code, reason=reason)
+        except BrokerError as exc:
+            raise _Refusal(
+                503, "closed the user's connections on this node only; other nodes were "
+                f"not reached ({exc})") from exc
+        return _accepted()
+
+    async def get_user(self, request: web.Request) -> web.StreamResponse:
+        """A user's connections across the cluster."""
+        user = request.match_info["user"]
+        try:
+            connections = await self._hub.user_connections(user)
+        except BrokerError as exc:
+            raise _Refusal(503, f"cluster membership is unavailable: {exc}") from exc
+        return web.json_response({"user": user, "count": len(connections),
+                                  "connections": sorted(connections)})
+
     def _idempotency_key(self, request: web.Request, room: Room) -> str | None:
         """The ``Idempotency-Key`` header, if any; 400 if malformed, repeated, or given
         for a room that keeps no history (nothing would remember the key)."""
@@ -244,11 +303,20 @@ def _is_binary(request: web.Request) -> bool:
 
 
 def _room(request: web.Request) -> Room:
-    """The room named in the path; 400 if it is not a valid room name."""
+    """The room named in the path; 400 if it is not a valid room name (or a user's
+    internal room)."""
     try:
-        return validate_room(request.match_info["room"])
+        return check_not_user_room(validate_room(request.match_info["room"]))
     except ValueError as exc:
         raise _Refusal(400, f"room: {exc}") from None
+
+
+def _one(request: web.Request, name: str, default: str) -> str:
+    """The query parameter ``name`` (``default`` if absent); 400 if given twice."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise _Refusal(400, f"{name}: give it at most once")
+    return values[0] if values else default
 
 
 def _exclude(request: web.Request) -> str | None:

@@ -81,6 +81,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -210,6 +217,10 @@ _SERVE_OPTIONS = [
             "a node silent this long is dead: its members leave every room"),
     _Option("--max-connections", "ROOMCAST_MAX_CONNECTIONS", _positive,
             DEFAULT_MAX_CONNECTIONS, "connections this node accepts; more get HTTP 503"),
+    _Option("--max-connections-per-user", "ROOMCAST_MAX_CONNECTIONS_PER_USER",
+            _non_negative_int, 0,
+            "connections one user (a token's sub) may have open across the cluster; more "
+            "get HTTP 429 (0: no limit)"),
     _Option("--max-message-size", "ROOMCAST_MAX_MESSAGE_SIZE", _positive,
             DEFAULT_MAX_MESSAGE_SIZE, "largest message in bytes; larger closes with 1009"),
     _Option("--ping-interval-ms", "ROOMCAST_PING_INTERVAL_MS", _positive,
@@ -354,6 +365,7 @@ def build_config(values: dict[str, Any]) -> HubConfig:
         recovery_max=values["recovery_max"],
         write_delay_ms=values["write_delay_ms"],
         write_batch_bytes=values["write_batch_bytes"],
+        max_connections_per_user=values["max_connections_per_user"],
     )
 
 

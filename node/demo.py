@@ -8,6 +8,12 @@ member's token when the node authenticates (``roomcast serve --jwt-secret ...``)
 broadcast to the room as it came, sender included. A member whose message could not
 reach other nodes is told so with ``{"type": "error", "text": ...}``.
 
+A chat socket opened with ``&presence=1`` (the chat page does) also gets the room's
+member list: ``{"type": "members", "members": [{"id": ..., "name": ...}, ...]}`` once it
+has joined, then ``{"type": "presence", "event": "join"|"leave", "id": ..., "name":
+...}`` for every join and leave on any node (``Hub.on_presence``; at most once, so the
+list is sent again on every reconnect). Without it the chat is exactly as before.
+
 A ``roomcast.v1`` client (docs/protocol.md) joining a room with history first gets the
 room's last ``CHAT_REPLAY`` messages, or, reconnecting with the positions it saw, exactly
 what it missed; raw clients get live messages only, as before.
@@ -16,17 +22,19 @@ what it missed; raw clients get live messages only, as before.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from importlib import resources
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
 from roomcast.node.connection import Connection
 from roomcast.node.handlers import EventHandler
-from roomcast.node.hub import get_hub
+from roomcast.node.hub import HUB, Hub, get_hub
 from roomcast.node.messages import Message
 from roomcast.shared.errors import BrokerError, PublishError
 from roomcast.shared.ids import validate_room
+from roomcast.shared.presence import PresenceEvent
 
 DEFAULT_ROOM: Final = "general"
 MAX_NAME_LENGTH: Final = 40
@@ -66,7 +74,40 @@ async def _notice(conn: Connection, kind: str) -> None:
     await _room_broadcast(conn, json.dumps(notice))
 
 
+def _wants_presence(conn: Connection) -> bool:
+    return conn.get_metadata("presence") == "1"
+
+
+def _shown(conn: Connection) -> Mapping[str, Any]:
+    """What the room's member list shows of a chat member (``Hub.presence_info``)."""
+    return {"name": _name_of(conn) or "anonymous"}
+
+
+def _on_presence(hub: Hub) -> Callable[[PresenceEvent], None]:
+    def changed(event: PresenceEvent) -> None:
+        """A join or leave anywhere: tell this node's members of the room who asked."""
+        update = json.dumps({"type": "presence", "event": event.kind, "id": event.connection,
+                             "name": str(event.info.get("name") or "anonymous")})
+        for conn in hub.local_members(event.room):
+            if conn.is_open and _wants_presence(conn):
+                conn.send_prepared(conn.prepare(update.encode(), binary=False))
+    return changed
+
+
+async def _send_members(conn: Connection) -> None:
+    try:
+        members = await conn.hub.room_presence(_room_of(conn))
+    except BrokerError:
+        return  # unknown while Redis is unreachable; the events still come
+    listing = [{"id": m.connection, "name": str(m.info.get("name") or "anonymous")}
+               for m in members]
+    if conn.is_open:
+        await conn.send_text(json.dumps({"type": "members", "members": listing}))
+
+
 async def _chat_open(conn: Connection) -> None:
+    if _wants_presence(conn):
+        await _send_members(conn)
     await _notice(conn, "join")
 
 
@@ -96,9 +137,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         return web.Response(status=400, text=f"bad room: {exc}\n")
     name = request.query.get("name", "").strip()[:MAX_NAME_LENGTH] or "anonymous"
+    metadata = {"room": room, "name": name}
+    if request.query.get("presence") == "1":
+        metadata["presence"] = "1"
     return await get_hub(request).upgrade(
-        request, CHAT, rooms=[room], metadata={"room": room, "name": name},
-        replay=CHAT_REPLAY,
+        request, CHAT, rooms=[room], metadata=metadata, replay=CHAT_REPLAY,
     )
 
 
@@ -114,7 +157,12 @@ async def index(request: web.Request) -> web.Response:
 
 
 def add_demo_routes(app: web.Application) -> None:
-    """The chat page, the chat socket and the echo socket."""
+    """The chat page, the chat socket and the echo socket (and, when the app has a hub
+    already, the chat's member list: its presence info and events)."""
+    hub = app.get(HUB)
+    if hub is not None:
+        hub.presence_info = _shown
+        hub.on_presence(_on_presence(hub))
     app.router.add_get("/", index)
     app.router.add_get("/chat", chat)
     app.router.add_get("/echo", echo)

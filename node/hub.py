@@ -11,6 +11,11 @@ v1 members. Rooms with history (``HubConfig.history``) are published through the
 which gives every message its position; each node then delivers the room's messages in
 stream order through ``node.recovery`` (its own included, from the broker's echo), and a
 v1 member that joins gets what it missed before its ``joined`` frame.
+
+A connection with a user id (``node.auth``) is also a member of its user's internal
+room (``shared.users``): ``send_to_user``, ``disconnect_user`` and ``user_connections``
+reach every connection of the user on every node through it. Those rooms are kept apart
+from the application's rooms (not in ``local_rooms``, ``rooms_of`` or the metrics).
 """
 
 from __future__ import annotations
@@ -79,8 +84,25 @@ from roomcast.shared.ids import (
     node_of,
     validate_room,
 )
+from roomcast.shared.presence import (
+    Presence,
+    PresenceCallback,
+    PresenceEvent,
+    decode_event,
+    decode_info,
+    encode_event,
+    encode_info,
+)
 from roomcast.shared.rfc6455 import CloseCode
 from roomcast.shared.rfc6455 import Data as Data  # re-exported: node.api imports it here
+from roomcast.shared.users import (
+    check_close,
+    check_not_user_room,
+    decode_disconnect,
+    encode_disconnect,
+    is_user_room,
+    user_room,
+)
 
 log = logging.getLogger("roomcast.node")
 
@@ -136,6 +158,12 @@ class Hub:
         self.on_envelope_latency: Callable[[float], None] | None = None
         """Called with publish-to-delivery seconds of each envelope from another node."""
         self._framed_conns: dict[ConnectionId, Connection] = {}
+        self._users: dict[Room, dict[ConnectionId, Connection]] = {}
+        """Each user's internal room: its connections on this node."""
+        self._presence_callbacks: list[PresenceCallback] = []
+        self.presence_info: Callable[[Connection], Mapping[str, Any]] | None = None
+        """What presence shows of a connection (``room_presence``, events); None: its
+        identity's info (``conn.user_info``; nothing for anonymous connections)."""
         """The roomcast.v1 connections (also in ``_connections``)."""
         self._pending: dict[Room, dict[ConnectionId, PendingJoin]] = {}
         """v1 members joining rooms with history, not yet caught up with the stream."""
@@ -156,7 +184,8 @@ class Hub:
         if self._started:
             return
         self._loop = asyncio.get_running_loop()
-        await self.broker.start(self.node_id, self._on_envelope, resumed=self._on_resumed)
+        await self.broker.start(self.node_id, self._on_envelope, resumed=self._on_resumed,
+                                departed=self._on_departed)
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="roomcast-keepalive")
         self._started = True
         self._accepting = True
@@ -299,7 +328,7 @@ class Hub:
             except ValueError as exc:
                 self.stats.refused_handshake += 1
                 return web.Response(status=400, text=f"{exc}\n")
-        room_names = [validate_room(r) for r in rooms]
+        room_names = [check_not_user_room(validate_room(r)) for r in rooms]
         _check_replay(replay)
         origin = request.headers.get("Origin")
         if not origin_allowed(origin, request.host, self.config.allowed_origins):
@@ -328,6 +357,19 @@ class Hub:
                 text=f"node is full ({self.config.max_connections} connections)\n",
                 headers={"Retry-After": "1"},
             )
+        per_user = self.config.max_connections_per_user
+        if per_user and identity is not None:
+            try:
+                open_now = len(await self.user_connections(identity.user_id))
+            except BrokerError:  # the cluster cannot be asked: count this node's
+                open_now = len(self.local_user_connections(identity.user_id))
+            if open_now >= per_user:
+                self.stats.refused_user_limit += 1
+                log.info("refused %s from %s: user has %d connections (limit %d)",
+                         request.path, request.remote, open_now, per_user)
+                return web.Response(
+                    status=429, text=f"this user has {open_now} connections open, the limit "
+                    f"is {per_user}: close one before opening another\n")
 
         wbits, no_takeover = 0, False
         if self.config.enable_compression:
@@ -392,6 +434,8 @@ class Hub:
             if metadata:
                 for name, value in metadata.items():
                     conn.set_metadata(name, value)
+            if conn.user_id is not None and conn.state is ConnectionState.OPEN:
+                await self._join_user(conn, user_room(conn.user_id))
             for room in room_names:
                 if conn.state is ConnectionState.OPEN:
                     await self.join_room(conn, room, replay=replay)
@@ -456,12 +500,18 @@ class Hub:
             self._drop_pending(room, conn.id)
         for room in emptied:
             self._catchup.close(room)
-        if rooms:
+        user = self._leave_user(conn)
+        if rooms or user is not None:
             try:
-                await self.broker.remove_presence(conn.id, rooms)
+                await self.broker.remove_presence(
+                    conn.id, rooms if user is None else (*rooms, user[0]))
+                for room in rooms:
+                    await self._presence_changed(room, conn, False)
                 for room in emptied:
                     if not self._rooms.size(room):
                         await self.broker.unsubscribe(room)
+                if user is not None and user[1] and user[0] not in self._users:
+                    await self.broker.unsubscribe(user[0])
             except Exception:
                 log.exception("broker failed while %s left its rooms", conn.id,
                               extra={"conn_id": conn.id})
@@ -490,7 +540,7 @@ class Hub:
         RoomForbidden if the hub's ``Auth`` does not let it join (a v1 connection is sent
         an ``error`` frame with code ``forbidden``).
         """
-        name = validate_room(room)
+        name = check_not_user_room(validate_room(room))
         _check_replay(replay)
         if conn.state is not ConnectionState.OPEN:
             raise ValueError(f"connection {conn.id} is {conn.state.value}; it cannot join rooms")
@@ -512,19 +562,22 @@ class Hub:
                 self._send_one(conn, joined_frame(name))
             if first:
                 await self.broker.subscribe(name)
-            await self.broker.add_presence(name, conn.id)
+            await self.broker.add_presence(name, conn.id, self._info_of(conn))
+            await self._presence_changed(name, conn, True)
             return
         if not framed:
             first = self._rooms.join(name, conn.id, conn)
             await self._subscribe_history(name, history, first, start=True)
-            await self.broker.add_presence(name, conn.id)
+            await self.broker.add_presence(name, conn.id, self._info_of(conn))
+            await self._presence_changed(name, conn, True)
             return
         pending = PendingJoin(name)
         first = self._rooms.join(name, conn.id, conn, pending=True)
         self._pending.setdefault(name, {})[conn.id] = pending
         try:
             await self._subscribe_history(name, history, first, start=False)
-            await self.broker.add_presence(name, conn.id)
+            await self.broker.add_presence(name, conn.id, self._info_of(conn))
+            await self._presence_changed(name, conn, True)
             await self._recover(conn, name, history, pending, replay)
         finally:
             # Not caught up yet: it stays pending, served on its own until it has caught
@@ -652,7 +705,7 @@ class Hub:
 
         A v1 connection gets a ``left`` frame.
         """
-        name = validate_room(room)
+        name = check_not_user_room(validate_room(room))
         if not self._rooms.contains(name, conn.id):
             return
         self._drop_pending(name, conn.id)
@@ -662,12 +715,17 @@ class Hub:
         if conn.protocol is not None and conn.state is ConnectionState.OPEN:
             self._send_one(conn, left_frame(name))
         await self.broker.remove_presence(conn.id, (name,))
+        await self._presence_changed(name, conn, False)
         if last and not self._rooms.size(name):
             await self.broker.unsubscribe(name)
 
     def local_room_size(self, room: str) -> int:
         """Members of ``room`` on this node only."""
         return self._rooms.size(validate_room(room))
+
+    def local_members(self, room: str) -> list[Connection]:
+        """The connections in ``room`` on this node."""
+        return list(self._rooms.members(validate_room(room)).values())
 
     def local_rooms(self) -> list[Room]:
         """Rooms with at least one member on this node."""
@@ -679,10 +737,218 @@ class Hub:
 
     async def room_members(self, room: str) -> set[ConnectionId]:
         """Connection ids in ``room`` across the cluster."""
-        name = validate_room(room)
+        name = check_not_user_room(validate_room(room))
         if not self.broker.has_peers:
             return set(self._rooms.members(name))
         return await self.broker.room_members(name)
+
+    # -- presence --------------------------------------------------------------------
+
+    def on_presence(self, callback: PresenceCallback) -> PresenceCallback:
+        """Call ``callback(event)`` for every join and leave in a room this node has
+        members in, on whichever node it happens (usable as a decorator).
+
+        Each event is raised once per node: on the connection's own node when it joins
+        or leaves (its last local member leaving included), on other nodes with members
+        when the broker brings it; for a dead node's connections, within the presence
+        TTL, by the peer that removes their presence. At most once: a node cut off from
+        Redis misses events meanwhile (``room_presence`` tells who is there). Users'
+        internal rooms raise none. Callbacks run in the order they were added; a
+        coroutine function runs as a task; what they raise is logged.
+        """
+        self._presence_callbacks.append(callback)
+        return callback
+
+    async def room_presence(self, room: str) -> list[Presence]:
+        """Every member of ``room`` across the cluster, with user id and info (the user
+        id None and the info empty for anonymous connections), ordered by connection id.
+        BrokerError when the other nodes cannot be reached."""
+        name = check_not_user_room(validate_room(room))
+        if not self.broker.has_peers:
+            members = self._rooms.members(name)
+            found = [Presence(cid, c.user_id, self._shown(c)) for cid, c in members.items()]
+        else:
+            found = []
+            for cid, blob in (await self.broker.room_presence(name)).items():
+                try:
+                    found.append(decode_info(cid, blob))
+                except ValueError:
+                    found.append(Presence(cid, None, {}))  # another release's entry
+        return sorted(found, key=lambda p: p.connection)
+
+    async def room_users(self, room: str) -> dict[str, Mapping[str, Any]]:
+        """The users in ``room`` across the cluster (user id -> info): a user with
+        several connections there counts once; anonymous connections are left out."""
+        users: dict[str, Mapping[str, Any]] = {}
+        for member in await self.room_presence(room):
+            if member.user_id is not None:
+                users.setdefault(member.user_id, member.info)
+        return users
+
+    def _shown(self, conn: Connection) -> Mapping[str, Any]:
+        hook = self.presence_info
+        return conn.user_info if hook is None else hook(conn)
+
+    def _info_of(self, conn: Connection) -> bytes:
+        return encode_info(conn.user_id, self._shown(conn))
+
+    async def _presence_changed(self, room: Room, conn: Connection, joined: bool) -> None:
+        """Raise a local join/leave here and publish it for the room's other nodes."""
+        event = PresenceEvent("join" if joined else "leave", room, conn.id, conn.user_id,
+                              self._shown(conn))
+        self._raise_presence(event)
+        if self.broker.has_peers:
+            try:
+                await self.broker.publish(Envelope(
+                    Kind.PRESENCE, room, encode_event(joined, conn.id, self._info_of(conn)),
+                    True, self.node_id, "", time.time()))
+            except BrokerError as exc:
+                log.warning("presence event of %s in %r not published: %s", conn.id, room,
+                            exc)
+
+    def _raise_presence(self, event: PresenceEvent) -> None:
+        for callback in self._presence_callbacks:
+            try:
+                result = callback(event)
+            except Exception:
+                log.exception("presence callback raised")
+                continue
+            if asyncio.iscoroutine(result):
+                task = asyncio.ensure_future(result)
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._presence_done)
+
+    def _presence_done(self, task: asyncio.Task[Any]) -> None:
+        self._callback_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("presence callback raised", exc_info=task.exception())
+
+    def _on_departed(self, entries: list[tuple[Room, ConnectionId, bytes]]) -> None:
+        """This node removed a dead node's presence: raise and publish its leaves."""
+        events: list[tuple[PresenceEvent, bytes]] = []
+        for room, cid, blob in entries:
+            if is_user_room(room):
+                continue
+            try:
+                who = decode_info(cid, blob)
+            except ValueError:
+                who = Presence(cid, None, {})
+            events.append((PresenceEvent("leave", room, cid, who.user_id, who.info), blob))
+        if not events:
+            return
+        for event, _ in events:
+            if self._rooms.size(Room(event.room)):
+                self._raise_presence(event)
+        task = asyncio.ensure_future(self._publish_departed(events))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _publish_departed(self, events: list[tuple[PresenceEvent, bytes]]) -> None:
+        if not self.broker.has_peers:
+            return
+        for event, blob in events:
+            try:
+                await self.broker.publish(Envelope(
+                    Kind.PRESENCE, event.room, encode_event(False, event.connection, blob),
+                    True, self.node_id, "", time.time()))
+            except BrokerError as exc:
+                log.warning("leave of %s (its node died) not published: %s",
+                            event.connection, exc)
+
+    # -- users -----------------------------------------------------------------------
+
+    async def _join_user(self, conn: Connection, room: Room) -> None:
+        """Make ``conn`` a member of its user's internal room, here and cluster-wide."""
+        members = self._users.setdefault(room, {})
+        first = not members
+        members[conn.id] = conn
+        if first:
+            await self.broker.subscribe(room)
+        await self.broker.add_presence(room, conn.id)
+        if conn.id not in self._users.get(room, ()):  # it went meanwhile (_finish ran)
+            await self.broker.remove_presence(conn.id, (room,))
+
+    def _leave_user(self, conn: Connection) -> tuple[Room, bool] | None:
+        """Take ``conn`` out of its user's room here: the room and whether it was the
+        user's last connection on this node; None if it was in none."""
+        if conn.user_id is None:
+            return None
+        room = user_room(conn.user_id)
+        members = self._users.get(room)
+        if members is None or members.pop(conn.id, None) is None:
+            return None
+        if not members:
+            del self._users[room]
+            return room, True
+        return room, False
+
+    def local_user_connections(self, user_id: str) -> set[ConnectionId]:
+        """The user's connections on this node."""
+        return set(self._users.get(user_room(user_id), ()))
+
+    async def user_connections(self, user_id: str) -> set[ConnectionId]:
+        """The user's connections on every node (presence of the user's internal room:
+        a dead node's are left out once the presence TTL passed). BrokerError when the
+        other nodes cannot be reached."""
+        room = user_room(user_id)
+        if not self.broker.has_peers:
+            return set(self._users.get(room, ()))
+        return await self.broker.room_members(room)
+
+    async def send_to_user(self, user_id: str, data: Data) -> None:
+        """Send ``data`` to every connection of the user, on every node.
+
+        Raw connections get it as it is, ``roomcast.v1`` ones in a ``message`` frame
+        without a room (as ``send_to``). Local connections get it before this returns;
+        PublishError means connections on other nodes did not (at most once, as any
+        message without history). TypeError/ValueError for a bad user id or data.
+        """
+        room = user_room(user_id)
+        prepared = PreparedMessage.of(data)
+        self._deliver_user(room, prepared)
+        if self.broker.has_peers:
+            await self.broker.publish(
+                Envelope(Kind.ROOM, room, prepared.payload, prepared.binary, self.node_id,
+                         "", time.time()))
+
+    async def disconnect_user(
+        self, user_id: str, *, code: int = CloseCode.NORMAL, reason: str = ""
+    ) -> None:
+        """Close every connection of the user, on every node, with ``code`` and ``reason``.
+
+        Local connections begin their closing handshake before this returns (their
+        ``on_close`` comes later); other nodes get the order through the broker
+        (PublishError: they did not). ValueError for a code that may not be sent or a
+        reason over 123 bytes. A connection the user opens afterwards is not affected.
+        """
+        room = user_room(user_id)
+        payload = encode_disconnect(*check_close(code, reason))
+        self._disconnect_local(room, code, reason)
+        if self.broker.has_peers:
+            await self.broker.publish(
+                Envelope(Kind.DISCONNECT, room, payload, True, self.node_id, "", time.time()))
+
+    def _deliver_user(self, room: Room, prepared: PreparedMessage) -> None:
+        members = self._users.get(room)
+        if not members:
+            return
+        plain = [c for c in members.values() if c.protocol is None]
+        if plain:
+            self._deliver(plain, prepared, None)
+        if len(plain) < len(members):
+            self._deliver([c for c in members.values() if c.protocol is not None],
+                          message_frame(prepared.payload, prepared.binary), None)
+
+    def _disconnect_local(self, room: Room, code: int, reason: str) -> None:
+        members = self._users.get(room)
+        if not members:
+            return
+        for conn in list(members.values()):
+            if conn.state is ConnectionState.OPEN:
+                # begin the closing handshake without waiting for the peer's answer
+                closing = asyncio.ensure_future(conn.close(code, reason))
+                self._finishing.add(closing)
+                closing.add_done_callback(self._finishing.discard)
 
     # -- history ---------------------------------------------------------------------
 
@@ -726,7 +992,7 @@ class Hub:
         (Redis was frozen, not down) and then reaches the other nodes late, and a retry
         should carry the same idempotency key.
         """
-        name = validate_room(room)
+        name = check_not_user_room(validate_room(room))
         prepared = PreparedMessage.of(data)
         history = self.history_for(name)
         if idempotency_key is not None and history is None:
@@ -951,6 +1217,16 @@ class Hub:
         self.stats.envelopes_received += 1
         if self.on_envelope_latency is not None and env.sent_at:
             self.on_envelope_latency(max(0.0, time.time() - env.sent_at))
+        if env.kind is Kind.DISCONNECT:
+            self._disconnect_local(Room(env.target), *decode_disconnect(env.payload))
+            return
+        if env.kind is Kind.PRESENCE:
+            if self._rooms.size(Room(env.target)):
+                self._raise_presence(decode_event(env.target, env.payload))
+            return
+        if env.kind is Kind.ROOM and is_user_room(env.target):
+            self._deliver_user(Room(env.target), PreparedMessage(env.payload, binary=env.binary))
+            return
         if env.kind is Kind.ROOM and env.offset and self._catchup.offer(env):
             return
         prepared = PreparedMessage(env.payload, binary=env.binary)

@@ -152,6 +152,7 @@ _REFUSED: Final[dict[str, Callable[[HubStats], int]]] = {
     "auth": lambda s: s.refused_auth,
     "forbidden": lambda s: s.refused_forbidden,
     "rate": lambda s: s.refused_rate,
+    "user_limit": lambda s: s.refused_user_limit,
     "handshake_timeout": lambda s: s.handshake_timeouts,
 }
 

@@ -40,6 +40,8 @@ class HubStats:
     """Upgrades refused with 403: valid credentials, a room they may not join."""
     refused_rate: int = 0
     """Upgrades refused with 429: too many new connections from the address."""
+    refused_user_limit: int = 0
+    """Upgrades refused with 429: the user has ``max_connections_per_user`` open."""
     handshake_timeouts: int = 0
     """Sockets closed for not completing their upgrade request in time."""
     joins_forbidden: int = 0

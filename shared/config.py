@@ -29,6 +29,11 @@ def _positive_int(name: str, value: object) -> None:
 class HubConfig:
     """Limits and options of one hub (one node).
 
+    ``max_connections_per_user`` is not in the seed: how many connections one user
+    (``conn.user_id``) may have open across the cluster; more are refused at the upgrade
+    with 429. 0 (the default): no limit. Checked against the cluster's presence when a
+    connection opens, so simultaneous upgrades of one user may pass it by a few.
+
     ``allowed_origins``: the browser origins (``scheme://host[:port]``) allowed to open a
     WebSocket. Empty means same-origin only (the Origin's host:port equals the Host
     header) plus clients that send no Origin header (non-browser clients); ``"*"``
@@ -56,6 +61,7 @@ class HubConfig:
     recovery_max: int = DEFAULT_RECOVERY_MAX
     write_delay_ms: int = 0
     write_batch_bytes: int = DEFAULT_WRITE_BATCH_BYTES
+    max_connections_per_user: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -74,6 +80,13 @@ class HubConfig:
         if not 0 <= delay <= MAX_WRITE_DELAY_MS:
             raise ValueError(f"HubConfig.write_delay_ms must be 0 (no delay) to "
                              f"{MAX_WRITE_DELAY_MS}, got {delay}")
+        per_user = self.max_connections_per_user
+        if isinstance(per_user, bool) or not isinstance(per_user, int):
+            raise TypeError("HubConfig.max_connections_per_user must be an int, got "
+                            f"{type(per_user).__name__}")
+        if per_user < 0:
+            raise ValueError("HubConfig.max_connections_per_user must be >= 0 (0: no "
+                             f"limit), got {per_user}")
         if not isinstance(self.enable_compression, bool):
             raise TypeError("HubConfig.enable_compression must be a bool")
         origins = self.allowed_origins

@@ -1,5 +1,8 @@
 """The msgpack envelope that carries a broadcast or a targeted send between nodes.
 
+Kinds: a room, one connection, everyone, or a disconnect order for a user's connections
+(``Kind.DISCONNECT``, see ``shared.users``).
+
 Wire form: a msgpack array ``[version, kind, origin, target, exclude, binary, payload,
 sent_at]`` (version 1), or, for a room message with a position in the room's history,
 ``[2, kind, origin, target, exclude, binary, payload, sent_at, epoch, offset]``
@@ -24,6 +27,8 @@ import msgpack
 
 from roomcast.shared.errors import EnvelopeError
 from roomcast.shared.ids import ConnectionId, NodeId, node_of, validate_node_id, validate_room
+from roomcast.shared.presence import decode_event
+from roomcast.shared.users import decode_disconnect, is_user_room
 
 ENVELOPE_VERSION: Final = 1
 """The version of an envelope without a position (every kind)."""
@@ -46,6 +51,18 @@ class Kind(IntEnum):
     """The one connection ``target``."""
     ALL = 3
     """Every connection of every node; ``target`` is empty."""
+    DISCONNECT = 4
+    """Close every member of the user's room ``target`` (``shared.users``) with the code
+    and reason in ``payload`` (``encode_disconnect``). Travels on the room's channel;
+    nodes of earlier releases drop it as an unknown kind."""
+    PRESENCE = 5
+    """A join or leave in the room ``target`` (``payload``: ``shared.presence.encode_event``,
+    checked on decode). Travels on the room's channel; nodes of earlier
+    releases drop it as an unknown kind (counted in ``dropped``)."""
+
+
+ROOM_CHANNEL_KINDS: Final = frozenset({Kind.ROOM, Kind.DISCONNECT, Kind.PRESENCE})
+"""Kinds published on the channel of the room ``target``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +116,13 @@ def _validate(env: Envelope) -> None:
             validate_room(env.target)
         elif env.kind is Kind.CONNECTION:
             node_of(env.target)
+        elif env.kind is Kind.DISCONNECT:
+            _validate_disconnect(env)
+        elif env.kind is Kind.PRESENCE:
+            validate_room(env.target)
+            if not env.binary or env.exclude:
+                raise EnvelopeError("a presence envelope is binary and excludes no one")
+            decode_event(env.target, env.payload)
         elif env.target:
             raise EnvelopeError("a broadcast to everyone has no target")
         if env.origin:
@@ -114,6 +138,18 @@ def _validate(env: Envelope) -> None:
             raise EnvelopeError("text envelope payload is not UTF-8") from None
     if env.epoch != "" or type(env.offset) is not int or env.offset != 0:
         _validate_position(env)
+
+
+def _validate_disconnect(env: Envelope) -> None:
+    validate_room(env.target)
+    if not is_user_room(env.target):
+        raise EnvelopeError(f"a disconnect envelope goes to a user's room, not {env.target!r}")
+    if not env.binary or env.exclude:
+        raise EnvelopeError("a disconnect envelope is binary and excludes no connection")
+    try:
+        decode_disconnect(env.payload)
+    except ValueError as exc:
+        raise EnvelopeError(str(exc)) from None
 
 
 def _validate_position(env: Envelope) -> None:

@@ -101,7 +101,7 @@ class FakeTransport:
 
     def _reply(self, command: Command) -> Any:
         if command[0] == "EVAL" and command[1] == HEARTBEAT:
-            return [0, []]
+            return [0, [], []]
         if command[0] == "EVAL" and command[1] == READ_MEMBERS:
             return [b"100", b"0", [], []]
         return 1

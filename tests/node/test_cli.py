@@ -120,3 +120,15 @@ def test_help_names_history_settings_defaults_and_publishers(
         assert f"[{var}] (default: {default})" in out
     assert "0 turns history off" in out
     assert "Publisher" in out and "same --history-size and --history-ttl" in out
+
+
+def test_max_connections_per_user_flag(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """--max-connections-per-user (default 0: off) and its variable reach HubConfig; a
+    negative value stops the node naming the flag."""
+    monkeypatch.delenv("ROOMCAST_MAX_CONNECTIONS_PER_USER", raising=False)
+    assert _config().max_connections_per_user == 0
+    assert _config("--max-connections-per-user", "3").max_connections_per_user == 3
+    monkeypatch.setenv("ROOMCAST_MAX_CONNECTIONS_PER_USER", "5")
+    assert _config().max_connections_per_user == 5
+    assert "--max-connections-per-user" in _refused(capsys, "--max-connections-per-user", "-1")

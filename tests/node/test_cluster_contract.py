@@ -24,6 +24,7 @@ from aiohttp import web
 
 from roomcast.broker import Broker, MemoryBroker, MemoryBus
 from roomcast.node import Connection, EventHandler, Hub, HubConfig, Message
+from roomcast.node.auth import Auth
 from roomcast.shared.history import History, HistoryPolicy
 from tests.redis_cluster import LocalRedisCluster
 from tests.redis_server import RedisServer
@@ -54,9 +55,11 @@ class Cluster:
     """N hubs on one broker medium, with helpers to connect members."""
 
     def __init__(self, make_broker: Callable[[], Broker], serve: Serve,
-                 session: aiohttp.ClientSession, config: HubConfig | None = None) -> None:
+                 session: aiohttp.ClientSession, config: HubConfig | None = None,
+                 auth: Auth | None = None) -> None:
         self.make_broker = make_broker
         self.config = config
+        self.auth = auth
         self.serve = serve
         self.session = session
         self.hubs: list[Hub] = []
@@ -84,7 +87,7 @@ class Cluster:
                 hub.broker.restore_link()
 
     async def add_node(self) -> Hub:
-        hub = Hub(self.config, broker=self.make_broker())
+        hub = Hub(self.config, broker=self.make_broker(), auth=self.auth)
         queue: asyncio.Queue[Connection] = asyncio.Queue()
         self.opened[hub] = queue
 
@@ -105,9 +108,9 @@ class Cluster:
         self.hubs.append(hub)
         return hub
 
-    async def member(self, node: int, *rooms: str) -> Member:
+    async def member(self, node: int, *rooms: str, query: str = "") -> Member:
         hub = self.hubs[node]
-        ws = await self.session.ws_connect(self.urls[node])
+        ws = await self.session.ws_connect(self.urls[node] + query)
         conn = await asyncio.wait_for(self.opened[hub].get(), 5)
         for room in rooms:
             await hub.join_room(conn, room)
@@ -142,8 +145,8 @@ async def hcluster(request: pytest.FixtureRequest, serve: Serve) -> AsyncIterato
 
 
 @contextlib.asynccontextmanager
-async def _cluster(request: pytest.FixtureRequest, serve: Serve, config: HubConfig | None
-                   ) -> AsyncIterator[Cluster]:
+async def _cluster(request: pytest.FixtureRequest, serve: Serve, config: HubConfig | None,
+                   auth: Auth | None = None) -> AsyncIterator[Cluster]:
     redis_server: RedisServer | None = None
     servers: list[RedisServer] = []
     if request.param == "memory":
@@ -173,7 +176,7 @@ async def _cluster(request: pytest.FixtureRequest, serve: Serve, config: HubConf
 
     try:
         async with aiohttp.ClientSession() as session:
-            c = Cluster(make_broker, serve, session, config)
+            c = Cluster(make_broker, serve, session, config, auth)
             c.servers = servers
             try:
                 for _ in range(3):

@@ -141,12 +141,12 @@ async def test_output_parses_with_every_family_and_type(serve: Serve) -> None:
     bounds = [float(s.labels["le"]) for s in latency.samples if s.name.endswith("_bucket")]
     assert bounds == [*LATENCY_BUCKETS, float("inf")]
     reasons = {s.labels["reason"] for s in families["roomcast_connections_refused"].samples}
-    assert reasons == {"full", "origin", "handshake", "draining", "auth", "forbidden", "rate",
-                       "handshake_timeout"}
     for name in ("roomcast_recoveries", "roomcast_catchup_gaps"):
         outcomes = {s.labels["outcome"] for s in families[name].samples}
         assert outcomes == ({"recovered", "not_recovered"} if name == "roomcast_recoveries"
                             else {"filled", "lost"}), name
+    assert reasons == {"full", "origin", "handshake", "draining", "auth", "forbidden", "rate",
+                       "handshake_timeout", "user_limit"}
 
 
 async def test_connections_messages_bytes_and_broadcasts(serve: Serve) -> None:

@@ -193,7 +193,7 @@ def test_position_checked_when_built_in_code() -> None:
         Envelope(Kind.CONNECTION, "n.1", b"x", True).with_position("e1", 1)
 
 
-@pytest.mark.parametrize("kind", [0, 4, -1, True, 1.0, "1", None, [1], {"a": 1}])
+@pytest.mark.parametrize("kind", [0, 6, -1, True, 1.0, "1", None, [1], {"a": 1}])
 def test_unknown_kind_rejected(kind: object) -> None:
     """A kind that is not the integer of a Kind (bool, float, list, map...) is EnvelopeError."""
     with pytest.raises(EnvelopeError, match="kind"):
@@ -302,7 +302,7 @@ def test_decode_random_arrays_only_envelope_error(items: tuple[object, ...]) -> 
 
 
 @given(
-    st.sampled_from(Kind),
+    st.sampled_from([Kind.ROOM, Kind.CONNECTION, Kind.ALL]),
     st.binary(max_size=300),
     st.floats(allow_nan=False),
     st.from_regex(r"[0-9a-z]{0,12}", fullmatch=True),
