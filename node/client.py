@@ -44,6 +44,10 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from roomcast.node.v1 import MAX_DECLARED_ROOMS, PREVIOUS_PARAM, PROTOCOL, SINCE_PARAM
+from roomcast.shared.envelope import MAX_OFFSET
+from roomcast.shared.ids import MAX_ROOM_LENGTH
+
 __all__ = [
     "MAX_DECLARED_ROOMS",
     "PROTOCOL",
@@ -70,18 +74,9 @@ __all__ = [
     "parse_text",
 ]
 
-PROTOCOL: Final = "roomcast.v1"
-"""The WebSocket subprotocol this client offers and requires."""
-
-SINCE_PARAM: Final = "roomcast.since"
-PREVIOUS_PARAM: Final = "roomcast.previous"
-"""The query parameter that declares the client's positions on a reconnect."""
-
-MAX_DECLARED_ROOMS: Final = 100
-"""The protocol's limit on rooms in one ``roomcast.since``."""
-
-MAX_ROOM_LENGTH: Final = 200
-MAX_OFFSET: Final = 2**53 - 1
+# The protocol's names and limits, as the node defines them (node/v1.py): the
+# subprotocol, the query parameters that declare positions and the previous connection,
+# at most 100 rooms in one roomcast.since; room names and offsets as shared defines them.
 _EPOCH: Final = re.compile(r"[0-9A-Za-z_-]{1,32}")
 _MAX_EXPONENT: Final = 64  # factor ** 64 exceeds any sensible max_delay; no overflow
 
