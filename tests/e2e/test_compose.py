@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.e2e.compose.engine import IMAGE_EXTRAS
 from tests.e2e.haproxy import HAPROXY_CFG, LB_PREFIX, haproxy_executable, lb_env
 from tests.e2e.procs import REPO, free_port
 
@@ -459,11 +460,13 @@ def _expand(word: str, args: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)(?:(:-)([^}]*))?\}", replace, word)
 
 
-def _pip_install_targets(run: str) -> list[str]:
-    """The local paths every ``pip install`` in a RUN installs (option values left out)."""
+def _pip_install_targets(run: str) -> list[tuple[str, frozenset[str]]]:
+    """What every ``pip install`` in a RUN installs: (local path, extras) per target, as
+    the shell passes it (quotes removed, option values left out):
+    ``'/tmp/roomcast[uvloop]'`` is ("/tmp/roomcast", {"uvloop"})."""
     targets = []
     for segment in re.findall(r"\bpip install\b([^;&|]*)", run):
-        words = segment.split()
+        words = shlex.split(segment)
         skip = False
         for word in words:
             if skip:
@@ -471,7 +474,11 @@ def _pip_install_targets(run: str) -> list[str]:
             elif word in ("--find-links", "-f", "--index-url", "-i"):
                 skip = True
             elif not word.startswith("-"):
-                targets.append(word)
+                found = re.fullmatch(r"([^\[\]]+)(?:\[([^\]]*)\])?", word)
+                assert found, f"pip install target {word!r}"
+                extras = frozenset(e.strip() for e in (found.group(2) or "").split(",")
+                                   if e.strip())
+                targets.append((found.group(1), extras))
     return targets
 
 
@@ -513,7 +520,7 @@ def build_context_image(root: Path, build_args: dict[str, str] | None = None) ->
                     out.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(src, out)
         elif instr == "RUN" and re.search(r"\bpip install\b", text):
-            paths = set(_pip_install_targets(text))
+            paths = {path for path, _ in _pip_install_targets(text)}
             assert len(paths) == 1, f"RUN pip install of one local directory: {text}"
             install_dir = workdir / paths.pop()
     assert install_dir is not None, "the Dockerfile pip-installs the package"
@@ -529,10 +536,26 @@ def test_dockerfile_default_build_installs_from_the_index_and_wheels_only_when_a
     offline, default = run.split("else", 1)
     assert '[ -n "$ROOMCAST_WHEELS" ]' in offline
     assert "--no-index --find-links /tmp/wheels" in offline
-    assert re.search(r"pip install /tmp/roomcast;", default), default
+    assert "--no-index" not in default and "--find-links" not in default, default
+    assert _pip_install_targets(default) == [("/tmp/roomcast", frozenset({"uvloop"}))], default
     patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
                 if line.strip() and not line.strip().startswith("#")]
     assert not _ignored(".compose-wheels/x.whl", patterns)
+
+
+def test_dockerfile_installs_the_uvloop_extra_online_and_offline() -> None:
+    """The image runs on the faster loop: both builds (package index, and the offline
+    wheels of the compose smoke test) install roomcast[uvloop], quoted so that the shell
+    cannot take the brackets for a glob; the extra exists and requires uvloop; the offline
+    wheel set (tests/e2e/compose/engine.py) holds the wheels of exactly those extras."""
+    run = next(text for instr, text in INSTRUCTIONS if instr == "RUN" and "pip install" in text)
+    targets = _pip_install_targets(run)
+    assert len(targets) == 2, targets
+    assert all(extras == {"uvloop"} for _, extras in targets), targets
+    assert not re.search(r"(?<=\s)[^'\"\s]+\[", run), f"unquoted extras in: {run}"
+    assert set(IMAGE_EXTRAS) == {"uvloop"}
+    requirements = PYPROJECT["project"]["optional-dependencies"]["uvloop"]
+    assert any(re.match(r"uvloop\b", req) for req in requirements), requirements
 
 
 def test_dockerfile_build_context_has_what_the_package_needs(tmp_path: Path) -> None:

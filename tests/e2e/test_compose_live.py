@@ -5,13 +5,14 @@ Where the machine can run Docker (scripts/test installs Debian's docker.io,
 docker-compose 1.29 and debootstrap), this starts an engine if none answers, builds the
 stand-in images of python, redis and haproxy once (cached between runs, see
 tests/e2e/compose/engine.py), builds the roomcast image offline, brings each compose file
-up as its own project on free loopback ports, and checks: the page and chat across the
-three nodes through HAProxy, join notices on fresh nodes, the HAProxy stats page,
-``stop`` of a node (HAProxy has marked it down before its clients get 1001; they
-reconnect to the others), ``kill -9`` of a node (its clients reconnect; the restart
-policy brings it back), stopping HAProxy with a WebSocket open, and under Redis Cluster
-the kill of a room's master (other rooms, new connections and the page keep working,
-every node stays in rotation). Then ``down -v``, the daemon it started is stopped by
+up as its own project on free loopback ports, and checks: every node process runs on
+uvloop (its start-up log line says so; the image installs roomcast[uvloop]), the page
+and chat across the three nodes through HAProxy, join notices on fresh nodes, the
+HAProxy stats page, ``stop`` of a node (HAProxy has marked it down before its clients
+get 1001; they reconnect to the others), ``kill -9`` of a node (its clients reconnect;
+the restart policy brings it back), stopping HAProxy with a WebSocket open, and under
+Redis Cluster the kill of a room's master (other rooms, new connections and the page
+keep working, every node stays in rotation). Then ``down -v``, the daemon it started is stopped by
 its PID and the host's network is as it was. Elsewhere it is skipped with the reason.
 
 Measured figures (reconnect times, failover times, durations) are printed, and written
@@ -224,6 +225,36 @@ async def node_ids(proj: Project) -> dict[str, str]:
     return ids
 
 
+_LOOP_LINE = re.compile(r"\broomcast\.node\b.* event loop: (.+?)\s*$", re.M)
+
+
+def logged_loops(log_text: str) -> list[str]:
+    """What each start-up line "event loop: ..." in a node's log names, oldest first:
+    ``uvloop 0.23.0``, or ``asyncio (_UnixSelectorEventLoop)`` when uvloop is missing."""
+    return _LOOP_LINE.findall(log_text)
+
+
+async def nodes_on_uvloop(proj: Project, starts: dict[str, int] | None = None
+                          ) -> dict[str, list[str]]:
+    """Every node process of ``proj`` (``starts[service]`` of them, default 1, the
+    restarted ones included) logged at start-up that it runs on uvloop: the image
+    installs roomcast[uvloop] and ``--loop auto`` picks it. Fails naming the loops when
+    any node runs on asyncio's loop (the image fell back)."""
+    loops: dict[str, list[str]] = {}
+    for service in NODES:
+        want = (starts or {}).get(service, 1)
+
+        async def logged(service: str = service, want: int = want) -> bool:
+            loops[service] = logged_loops(await asyncio.to_thread(proj.logs, service))
+            return len(loops[service]) >= want
+
+        await until(logged, 15, f"{want} start-up line(s) of {service} naming its loop", 0.2)
+    record(f"{proj.name}.event_loops", loops)
+    assert all(loop.startswith("uvloop ") for found in loops.values() for loop in found), (
+        f"a node does not run on uvloop: {loops}")
+    return loops
+
+
 async def close_all(members: list[Member]) -> None:
     for member in members:
         with contextlib.suppress(Exception):
@@ -242,6 +273,7 @@ async def test_demo_with_one_redis(engine: Engine) -> None:
         base_http = f"http://127.0.0.1:{proj.http_port}"
         base = f"ws://127.0.0.1:{proj.http_port}"
         await wait_all_up(proj)
+        await nodes_on_uvloop(proj)
         status, page = await http_get(base_http + "/")
         assert status == 200 and "roomcast chat" in page
 
@@ -343,6 +375,8 @@ async def test_demo_with_one_redis(engine: Engine) -> None:
         survivors = [m for ms in by_node.values() for m in ms if m not in victim]
         await close_all(survivors)
         assert ids != await node_ids(proj), "node3 came back as a new node"
+        # the processes started again (node2 by start, node3 by its restart policy) too
+        await nodes_on_uvloop(proj, {"node2": 2, "node3": 2})
 
         # HAProxy stopped with a WebSocket open: it ends the tunnel itself within its
         # hard-stop-after and exits by itself, not SIGKILLed at the end of the grace.
@@ -403,6 +437,7 @@ async def test_demo_with_redis_cluster(engine: Engine) -> None:
         base_http = f"http://127.0.0.1:{proj.http_port}"
         base = f"ws://127.0.0.1:{proj.http_port}"
         await wait_all_up(proj)
+        await nodes_on_uvloop(proj)
         # one room on a master (the victim), another room on another master
         rooms: dict[str, tuple[str, str]] = {}
         for i in range(200):

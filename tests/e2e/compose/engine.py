@@ -16,8 +16,9 @@ kept between runs (the cache) and rebuilt when the sources change. An image of t
 that is not a stand-in (a real one, pulled by the user) is used as it is.
 
 The roomcast image is built without network inside containers: wheels of every
-dependency are downloaded on the host for the image's Python, into a folder of the build
-context that the Dockerfile's ``ROOMCAST_WHEELS`` argument names.
+dependency (those of the extras the image installs, uvloop, included) are downloaded on
+the host for the image's Python, into a folder of the build context that the
+Dockerfile's ``ROOMCAST_WHEELS`` argument names.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ STANDIN_DOCKERFILES = {
 LABEL = "org.roomcast.standin"
 WHEELS_DIR = ".compose-wheels"
 """Folder of the build context (git-ignored) that the offline image build installs from."""
+IMAGE_EXTRAS = ("uvloop",)
+"""The extras of roomcast the Dockerfile installs (``roomcast[uvloop]``): their wheels are
+in the offline set too. tests/e2e/test_compose.py checks this against the Dockerfile."""
 DEBIAN_PACKAGES = ("docker.io", "docker-compose", "debootstrap")
 """What scripts/test installs for this test where apt-get exists."""
 
@@ -337,9 +341,10 @@ class Engine:
     # -- wheels for the offline roomcast build -----------------------------------------
 
     def prepare_wheels(self, python_image: str = "python:3.11-slim") -> Path:
-        """Wheels of roomcast's dependencies (and setuptools) for ``python_image``'s
-        Python, in REPO/.compose-wheels, complete by that image's own pip (asked with no
-        network, round by round, what it still misses)."""
+        """Wheels of roomcast's dependencies, those of the extras the image installs
+        (IMAGE_EXTRAS) and setuptools, for ``python_image``'s Python, in
+        REPO/.compose-wheels, complete by that image's own pip (asked with no network,
+        round by round, what it still misses)."""
         started = time.monotonic()
         wheels = REPO / WHEELS_DIR
         wheels.mkdir(exist_ok=True)
@@ -350,7 +355,9 @@ class Engine:
              " 'abi': 'cp%d%d' % sys.version_info[:2]}))"],
             timeout=120).stdout)
         project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-        wanted = [*project["dependencies"], "setuptools>=68"]
+        extras = [req for extra in IMAGE_EXTRAS
+                  for req in project["optional-dependencies"][extra]]
+        wanted = [*project["dependencies"], *extras, "setuptools>=68"]
         source = self._tmp / "source"
         shutil.rmtree(source, ignore_errors=True)
         source.mkdir()
@@ -385,7 +392,8 @@ class Engine:
         result = run(
             [self.docker, "run", "--rm", "--network", "none", "-v", f"{wheels}:/wheels:ro",
              "-v", f"{source}:/src", python_image, "pip", "install", "--dry-run",
-             "--no-index", "--find-links", "/wheels", "--quiet", "/src"],
+             "--no-index", "--find-links", "/wheels", "--quiet",
+             f"/src[{','.join(IMAGE_EXTRAS)}]"],
             timeout=300, check=False)
         if result.returncode == 0:
             return None
