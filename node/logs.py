@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, TextIO
@@ -99,13 +100,14 @@ _context = _NodeContext(None)
 class _QuietProbes(logging.Filter):
     """Drop access-log lines of /healthz, /readyz and /metrics: probes every few seconds."""
 
-    _PATHS = (" /healthz ", " /readyz ", " /metrics ")
+    # The path as aiohttp's default format (``"GET /readyz HTTP/1.1"``) and roomcast's
+    # ``RedactingAccessLogger`` (``"GET /readyz"``) write it, with or without a query.
+    _PROBE = re.compile(r' /(?:healthz|readyz|metrics)(?:[ ?"]|$)')
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "aiohttp.access":
             return True
-        message = record.getMessage()
-        return not any(path in message for path in self._PATHS)
+        return self._PROBE.search(record.getMessage()) is None
 
 
 _quiet_probes = _QuietProbes()

@@ -125,7 +125,17 @@ def test_probe_requests_are_not_access_logged() -> None:
         access.info('127.0.0.1 "GET /readyz HTTP/1.1" 200 6')
         access.info('127.0.0.1 "GET /metrics HTTP/1.1" 200 600')
         access.info('127.0.0.1 "GET /chat?room=r HTTP/1.1" 101 0')
+        # What `roomcast serve` logs with: RedactingAccessLogger (no protocol after the path).
+        from aiohttp import web
+        from aiohttp.test_utils import make_mocked_request
+
+        from roomcast.node.auth import RedactingAccessLogger
+
+        redacting = RedactingAccessLogger(access, "")
+        for path in ("/healthz", "/readyz", "/metrics?x=1", "/healthzz", "/chat?token=t"):
+            redacting.log(make_mocked_request("GET", path), web.Response(), 0.001)
     finally:
         logging.getLogger().removeHandler(handler)
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 1 and "/chat" in lines[0]
+    assert [line.split('"')[1] for line in lines] == [
+        "GET /chat?room=r HTTP/1.1", "GET /healthzz", "GET /chat?token=[redacted]"]
