@@ -219,10 +219,10 @@ class Hub:
                 await self._keepalive
             self._keepalive = None
         await self._catchup.close_all()
-        if self._started:
+        if self._started:  # a second close (the app's shutdown, then its cleanup) is quiet
             await self.broker.close()
             self._started = False
-        log.info("node %s stopped", self.node_id)
+            log.info("node %s stopped", self.node_id)
 
     @property
     def accepting(self) -> bool:

@@ -139,3 +139,16 @@ def test_probe_requests_are_not_access_logged() -> None:
     lines = stream.getvalue().splitlines()
     assert [line.split('"')[1] for line in lines] == [
         "GET /chat?room=r HTTP/1.1", "GET /healthzz", "GET /chat?token=[redacted]"]
+
+
+async def test_an_attached_hub_logs_started_and_stopped_once(stream: io.StringIO) -> None:
+    """The app's shutdown and then its cleanup both close the hub; it says so once."""
+    configure_logging("INFO", "json", None, stream=stream)
+    app = web.Application()
+    hub = Hub()
+    hub.attach(app, drain_seconds=1.0)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await asyncio.wait_for(runner.cleanup(), 10)
+    said = [line["msg"] for line in lines(stream) if line["logger"] == "roomcast.node"]
+    assert said == [f"node {hub.node_id} started", f"node {hub.node_id} stopped"]
