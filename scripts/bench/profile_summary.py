@@ -255,11 +255,15 @@ def per_delivery(summary: Summary, deliveries: int | None, cpu: float | None,
     Every bucket but epoll: its samples / ``rate`` (the seconds the node spent there)
     per delivery. epoll: the rest of the measured CPU (CPU minus the other buckets),
     not its samples: py-spy's blocking (``--native``) mode reads whether a thread runs
-    before it stops it, and a loop thread blocked in ``epoll_wait`` shows as running
-    right after an earlier sample let it go, so epoll gets samples without CPU (an
-    idle asyncio loop: 25 samples in 3 s at 250 Hz, 0 CPU ticks). The rest can come
-    out negative when the other buckets hold samples of a thread that was runnable
-    but not on a core (a busy machine).
+    before it stops it, and a loop thread that went into ``epoll_wait`` meanwhile, or
+    was just let go by the previous sample, counts as running. Measured here at 250
+    Hz: an idle asyncio loop gave 24 samples in 3 s for 0.01 s of CPU, a loop with a
+    1 ms timer 87 samples (0.35 s) for 0.13 s of CPU; py-spy without ``--native``
+    gave 0 and 38. The rest also holds what py-spy's stops cost the node (compare
+    with a run without profiling). A sample shows where a thread was when it was
+    running *or runnable*: time a node waited for a core (on a busy machine, after
+    its own write woke the reader) counts in the frame it waited in, mostly a system
+    call; the rest comes out smaller, even negative, then.
     """
     if deliveries is None or cpu is None or not deliveries:
         return None
