@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -55,6 +55,8 @@ def _before_pythonpath(tree: Path) -> str:
     for name in ("node", "broker", "shared"):
         (links / "roomcast" / name).symlink_to(tree.resolve() / name)
     return os.pathsep.join([str(links), str(tree.resolve())])
+_CLUSTERS = 0
+"""Clusters profiled by this process so far: each one's files get their own names."""
 KEEPALIVE: Final = ("--ping-interval", "25")
 """Every server pings each client every 25 s (python-socketio's default) in the
 fan-out and latency workloads, so keepalive costs all of them alike."""
@@ -105,6 +107,9 @@ class Cluster:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     profilers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    profile_windows: bool = False
+    """With BENCH_PROFILE set: py-spy samples only inside ``profiled()`` windows (the
+    benchmark marks its measured spans), not the nodes' whole life."""
 
     def start(self) -> Cluster:
         """Start Redis and the nodes; a node that dies at start-up (a free port taken
@@ -165,22 +170,42 @@ class Cluster:
         return data
 
     def _start_profilers(self) -> None:
-        """With BENCH_PROFILE=DIR, py-spy samples every node into DIR (folded stacks)."""
-        directory = os.environ.get("BENCH_PROFILE")
-        if not directory:
+        """With BENCH_PROFILE=DIR, py-spy samples every node into DIR (folded stacks),
+        from start to stop, unless the cluster has ``profile_windows``."""
+        if not os.environ.get("BENCH_PROFILE") or self.profile_windows:
             return
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        for i, proc in enumerate(self.procs):
-            out = Path(directory) / f"{self.server}-{os.getpid()}-{i}.txt"
-            self.profilers.append(subprocess.Popen(
-                ["py-spy", "record", "--pid", str(proc.pid), "-o", str(out), "-f", "raw",
-                 "-r", "250", "--nonblocking"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            ))
+        global _CLUSTERS
+        _CLUSTERS += 1
+        self._spawn_profilers(f"{self.server}-{os.getpid()}-c{_CLUSTERS}")
         time.sleep(1.0)
 
-    def stop(self) -> None:
-        """SIGTERM every node, SIGKILL what does not exit in 10 s, stop Redis."""
+    def _spawn_profilers(self, label: str) -> None:
+        """One py-spy per node writing ``DIR/<label>-<i>.txt``.
+
+        BENCH_PROFILE_RATE sets samples per second (250 by default);
+        BENCH_PROFILE_NATIVE=1 adds native (C) frames, which py-spy can only take by
+        pausing the process for each sample (else it reads without stopping it).
+        Each file's node command line is added to ``DIR/index.txt``; what py-spy prints
+        (samples, errors) goes to ``<label>-<i>.log``.
+        """
+        directory = Path(os.environ["BENCH_PROFILE"])
+        directory.mkdir(parents=True, exist_ok=True)
+        rate = os.environ.get("BENCH_PROFILE_RATE", "250")
+        mode = "--native" if os.environ.get("BENCH_PROFILE_NATIVE") == "1" else "--nonblocking"
+        with (directory / "index.txt").open("a") as index:
+            for i, proc in enumerate(self.procs):
+                out = directory / f"{label}-{i}.txt"
+                assert isinstance(proc.args, list)
+                index.write(f"{out.name}\t{mode} -r {rate}\t"
+                            f"{' '.join(map(str, proc.args))}\n")
+                with out.with_suffix(".log").open("wb") as log:  # its sample count
+                    self.profilers.append(subprocess.Popen(
+                        ["py-spy", "record", "--pid", str(proc.pid), "-o", str(out), "-f",
+                         "raw", "-r", rate, mode],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    ))
+
+    def _stop_profilers(self) -> None:
         for prof in self.profilers:
             if prof.poll() is None:
                 prof.send_signal(signal.SIGINT)
@@ -189,6 +214,25 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 prof.kill()
                 prof.wait()
+        self.profilers = []
+
+    @contextlib.asynccontextmanager
+    async def profiled(self, label: str) -> AsyncIterator[None]:
+        """With BENCH_PROFILE set and ``profile_windows``: py-spy samples every node
+        while the block runs, into ``DIR/<label>-<i>.txt``; else nothing."""
+        if not os.environ.get("BENCH_PROFILE") or not self.profile_windows:
+            yield
+            return
+        self._spawn_profilers(label)
+        await asyncio.sleep(1.0)  # py-spy attaches (and reads symbols) meanwhile
+        try:
+            yield
+        finally:
+            self._stop_profilers()
+
+    def stop(self) -> None:
+        """SIGTERM every node, SIGKILL what does not exit in 10 s, stop Redis."""
+        self._stop_profilers()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -39,6 +39,7 @@ import resource
 import selectors
 import socket
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -150,13 +151,17 @@ async def _round(setup: _Setup, result: Result, per_message: int, rate: float,
     setup.local.clear()
     count = int(rate * seconds)
     loop = asyncio.get_running_loop()
-    cpu0 = setup.cluster.cpu()
-    start = loop.time()
-    for i in range(count):
-        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
-        publishers[i % len(publishers)].send_message(_lib.stamp_payload(64))
-    delivered = await _lib.wait_for_count(clients, count * per_message, stall=2.0)
-    cpu = setup.cluster.cpu() - cpu0
+    label = f"{result.name.replace(', ', '-').replace(' ', '')}-{rate:g}-r{len(result.rounds_us)}"
+    async with setup.cluster.profiled(label):  # BENCH_PROFILE: py-spy samples the round
+        cpu0 = setup.cluster.cpu()
+        start = loop.time()
+        for i in range(count):
+            await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+            publishers[i % len(publishers)].send_message(_lib.stamp_payload(64))
+        delivered = await _lib.wait_for_count(clients, count * per_message, stall=2.0)
+        cpu = setup.cluster.cpu() - cpu0
+    if os.environ.get("BENCH_PROFILE"):
+        print(f"  [{label}: {delivered} deliveries, {cpu:.3f} s node CPU]", file=sys.stderr)
     result.expected += count * per_message
     result.delivered += delivered
     result.reads += sum(c.reads for c in clients)
@@ -176,7 +181,8 @@ async def run(variants: dict[str, list[str]], *, rooms: int, per_room: int, rate
     with contextlib.ExitStack() as stack:
         for name, extra in variants.items():
             cluster = stack.enter_context(_lib.Cluster("roomcast",
-                                                       extra=[*_lib.KEEPALIVE, *extra]))
+                                                       extra=[*_lib.KEEPALIVE, *extra],
+                                                       profile_windows=True))
             remote: list[float] = []
             local: list[float] = []
             clients: list[_lib.Client] = []
