@@ -6,6 +6,7 @@ straight to the owning node's channel with no lookup.
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Final, NewType
 
@@ -53,10 +54,16 @@ def validate_room(room: object) -> Room:
         raise TypeError(f"room name must be a str, got {type(room).__name__}")
     if not 1 <= len(room) <= MAX_ROOM_LENGTH:
         raise ValueError(f"room name must be 1-{MAX_ROOM_LENGTH} characters, got {len(room)}")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in room):
+    if _CONTROL.search(room) is not None:
         raise ValueError(f"room name {room!r} contains control characters")
-    try:
-        room.encode()  # channel names and envelopes carry it as UTF-8
-    except UnicodeEncodeError:
-        raise ValueError(f"room name {room!r} is not valid Unicode (lone surrogate)") from None
+    if not room.isascii():
+        try:
+            room.encode()  # channel names and envelopes carry it as UTF-8
+        except UnicodeEncodeError:
+            raise ValueError(f"room name {room!r} is not valid Unicode (lone surrogate)"
+                             ) from None
     return Room(room)
+
+
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
+"""What a room name may not contain (checked for every envelope a node receives)."""
