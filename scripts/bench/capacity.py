@@ -251,6 +251,7 @@ class Result:
     workers: int
     clients: int
     sources: int
+    backlog: int = 0
     tried: int = 0
     held: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> Result:
     max_conns = args.max_connections or soft - 500
     sources = [f"127.0.0.{i}" for i in range(1, args.sources + 1)]
     result = Result(resolve_loop(args.loop), args.workers, args.clients, args.sources,
-                    load_before=load())
+                    backlog=args.backlog, load_before=load())
     redis = RedisServer().start()
     port = free_port()
     cmd = [sys.executable, "-m", "roomcast.node.cli", "serve", "--workers", str(args.workers),
@@ -313,6 +314,8 @@ def run(args: argparse.Namespace) -> Result:
            "--ping-interval-ms", str(int(args.ping_interval * 1000)),
            "--max-connections", str(max_conns), "--api-key", API_KEY,
            "--loop", args.loop, "--log-level", args.log_level]
+    if args.backlog:
+        cmd += ["--backlog", str(args.backlog)]
     print("server: " + " ".join(cmd[1:]).replace(API_KEY, "KEY"), file=sys.stderr)
     supervisor = subprocess.Popen(cmd, cwd=_lib.ROOT, stdin=subprocess.DEVNULL,
                                   start_new_session=True)
@@ -431,6 +434,7 @@ def table(r: Result, args: argparse.Namespace) -> str:
         ("event loop (workers)", r.loop),
         ("workers / client processes / source addresses",
          f"{r.workers} / {r.clients} / {r.sources}"),
+        ("listen backlog per worker", str(r.backlog or "roomcast serve's default")),
         ("connections held / tried", f"{r.held:,} / {r.tried:,}"
          + (f" ({sum(r.errors.values())} failed)" if r.errors else "")),
         ("per worker (sockets over baseline)", " / ".join(f"{n:,}" for n in r.per_worker)),
@@ -472,6 +476,8 @@ def main() -> None:
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     parser.add_argument("--max-connections", type=int, default=0,
                         help="per worker (default: the open-file limit - 500)")
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="listen backlog per worker (default: roomcast serve's)")
     parser.add_argument("--concurrency", type=int, default=100,
                         help="handshakes in flight per client process")
     parser.add_argument("--handshake-timeout", type=float, default=60.0)
