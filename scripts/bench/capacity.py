@@ -58,13 +58,15 @@ from tests.redis_server import RedisServer
 ROOM = "capacity"
 API_KEY = "capacity-bench-key"
 PATH = f"/chat?room={ROOM}&name=c&quiet=1"
+NOISY_PATH = f"/chat?room={ROOM}&name=c"
+"""Without quiet=1: every join sends the whole room a notice (``--notices``)."""
 
 
 # -- the client processes ----------------------------------------------------------------
 
 
 async def _client_main(port: int, count: int, sources: list[str], concurrency: int,
-                       handshake_timeout: float) -> None:
+                       handshake_timeout: float, path: str) -> None:
     """One load-generator process: connect ``count`` clients when told, then answer
     the parent's commands (one JSON line each) on stdin/stdout."""
     loop = asyncio.get_running_loop()
@@ -86,7 +88,7 @@ async def _client_main(port: int, count: int, sources: list[str], concurrency: i
             ready: asyncio.Future[None] = loop.create_future()
             try:
                 _, proto = await loop.create_connection(
-                    lambda: _lib.Client(f"127.0.0.1:{port}", PATH, ready),
+                    lambda: _lib.Client(f"127.0.0.1:{port}", path, ready),
                     "127.0.0.1", port, local_addr=(sources[i % len(sources)], 0))
                 clients.append(proto)
                 await asyncio.wait_for(ready, handshake_timeout)
@@ -141,19 +143,21 @@ async def _wait_frames(clients: list[_lib.Client], want: int, stall: float) -> N
 
 def client_role(args: argparse.Namespace) -> None:
     asyncio.run(_client_main(args.port, args.count, args.source_list.split(","),
-                        args.concurrency, args.handshake_timeout))
+                        args.concurrency, args.handshake_timeout,
+                        NOISY_PATH if args.notices else PATH))
 
 
 class ClientProc:
     """A load-generator child process, spoken to in JSON lines."""
 
     def __init__(self, port: int, count: int, sources: list[str], concurrency: int,
-                 handshake_timeout: float) -> None:
+                 handshake_timeout: float, notices: bool) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--client-role", "--port", str(port),
              "--count", str(count), "--source-list", ",".join(sources),
              "--concurrency", str(concurrency),
-             "--handshake-timeout", str(handshake_timeout)],
+             "--handshake-timeout", str(handshake_timeout)]
+            + (["--notices"] if notices else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             cwd=_lib.ROOT)
         self.count = count
@@ -271,6 +275,7 @@ class Result:
     delivered: int = 0
     expected: int = 0
     receipt_ms: list[float] = field(default_factory=list)
+    frames_before: int = 0
     connect_cpu_s: float = 0.0
     client_connect_cpu_s: float = 0.0
     tcp: dict[str, int] = field(default_factory=dict)
@@ -299,6 +304,8 @@ def load() -> str:
 
 def run(args: argparse.Namespace) -> Result:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if args.notices and args.messages:
+        raise SystemExit("--notices: the join notices are frames too; pass --messages 0")
     per_client = -(-args.connections // args.clients)
     if per_client > soft - 200:
         raise SystemExit(f"{per_client} connections per client process is over the open-file "
@@ -339,7 +346,8 @@ def run(args: argparse.Namespace) -> Result:
         per_src = max(1, len(sources) // args.clients)
         for i, n in enumerate(share):
             mine = sources[i * per_src:(i + 1) * per_src] or sources
-            procs.append(ClientProc(port, n, mine, args.concurrency, args.handshake_timeout))
+            procs.append(ClientProc(port, n, mine, args.concurrency, args.handshake_timeout,
+                                    args.notices))
         for p in procs:
             p.read()  # ready
         print(f"connecting {args.connections} from {args.clients} processes...",
@@ -383,6 +391,7 @@ def run(args: argparse.Namespace) -> Result:
         result.pings = sum(s["pings"] for s in status) - pings0
         result.pinged = sum(s["pinged"] for s in status)
         result.client_rss_mb = sum(s["rss_kb"] for s in status) / 1024
+        result.frames_before = sum(s["frames"] for s in status)
         rss = sum(_lib.rss_kb(w) for w in workers)
         result.rss_held_mb = rss / 1024
         if result.held:
@@ -450,6 +459,7 @@ def table(r: Result, args: argparse.Namespace) -> str:
          f"{r.idle_cpu:.1f} % of one core (workers + supervisor); redis {r.redis_cpu:.1f} %"),
         ("pings answered in the hold", f"{r.pings:,} ({r.pinged:,} clients pinged)"),
         ("open at start / end of hold", f"{r.open_start:,} / {r.open_end:,}"),
+        ("frames received before the broadcast (join notices)", f"{r.frames_before:,}"),
         (f"broadcast: {args.messages} messages, delivered / expected",
          f"{r.delivered:,} / {r.expected:,}"),
         ("POST to last receipt, median / max", f"{med:.0f} / {worst:.0f} ms"),
@@ -485,6 +495,9 @@ def main() -> None:
                         help="a broadcast is over once no receipt came for this long")
     parser.add_argument("--log-level", default="WARNING",
                         help="of roomcast serve (INFO logs a line per upgrade)")
+    parser.add_argument("--notices", action="store_true",
+                        help="join without quiet=1: each join notifies the whole room "
+                             "(to show its cost; use with --messages 0)")
     parser.add_argument("--client-role", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
