@@ -47,6 +47,10 @@ from roomcast.shared.history import (
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
+DEFAULT_BACKLOG: Final = 2048
+"""Listen backlog of ``roomcast serve`` (aiohttp's own default, 128, overflowed at a few
+thousand connects per second: scripts/bench/capacity.py)."""
+
 LOOPS: Final = ("auto", "asyncio", "uvloop")
 """What ``--loop`` takes; ``auto`` is uvloop when it is installed, else asyncio."""
 
@@ -246,6 +250,10 @@ _SERVE_OPTIONS = [
             "for any); none means same-origin only", action="append"),
     _Option("--workers", "ROOMCAST_WORKERS", _positive, 1,
             "node processes sharing the port (SO_REUSEPORT); above 1 needs --redis"),
+    _Option("--backlog", "ROOMCAST_BACKLOG", _positive, DEFAULT_BACKLOG,
+            "connections the kernel queues for each worker before it accepts them (the "
+            "kernel caps it at net.core.somaxconn); a full queue drops SYNs, and each "
+            "dropped one costs its client a second"),
     _Option("--reuse-port", "ROOMCAST_REUSE_PORT", _bool, False,
             "share the port with other processes (SO_REUSEPORT)", nargs="?", const="true"),
     _Option("--loop", "ROOMCAST_LOOP", _loop, "auto",
@@ -462,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         web.run_app(app, host=values["host"], port=values["port"], print=_ready_line,
                     reuse_port=values["reuse_port"] or None, loop=new_event_loop(loop),
+                    backlog=values["backlog"],
                     access_log_class=RedactingAccessLogger)  # tokens travel in queries
     except BrokerError as exc:
         # Fail fast on a broker that cannot be reached at start-up (wrong URL, password,

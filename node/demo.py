@@ -12,7 +12,14 @@ A chat socket opened with ``&presence=1`` (the chat page does) also gets the roo
 member list: ``{"type": "members", "members": [{"id": ..., "name": ...}, ...]}`` once it
 has joined, then ``{"type": "presence", "event": "join"|"leave", "id": ..., "name":
 ...}`` for every join and leave on any node (``Hub.on_presence``; at most once, so the
-list is sent again on every reconnect). Without it the chat is exactly as before.
+list is sent again on every reconnect). Without it the chat is exactly as before. Only
+the sockets that asked are looked at for each event (not every member of the room: a
+room of N members would cost N*N/2 checks to fill).
+
+A chat socket opened with ``&quiet=1`` joins and leaves without a join or leave notice
+(each notice is a broadcast to the whole room and a cluster-wide member count: a room
+filled by N such joins costs N*N/2 deliveries); it gets the room's messages as any
+member does. For listeners and load tests.
 
 A ``roomcast.v1`` client (docs/protocol.md) joining a room with history first gets the
 room's last ``CHAT_REPLAY`` messages, or, reconnecting with the positions it saw, exactly
@@ -22,6 +29,7 @@ what it missed; raw clients get live messages only, as before.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any, Final
@@ -78,6 +86,31 @@ def _wants_presence(conn: Connection) -> bool:
     return conn.get_metadata("presence") == "1"
 
 
+def _is_quiet(conn: Connection) -> bool:
+    return conn.get_metadata("quiet") == "1"
+
+
+_WATCHERS: Final[weakref.WeakKeyDictionary[Hub, dict[str, set[Connection]]]] = (
+    weakref.WeakKeyDictionary())
+"""Per hub and room, the local chat sockets that asked for presence events."""
+
+
+def _watchers(hub: Hub, room: str) -> set[Connection]:
+    return _WATCHERS.setdefault(hub, {}).setdefault(room, set())
+
+
+def _unwatch(conn: Connection) -> None:
+    rooms = _WATCHERS.get(conn.hub)
+    if rooms is None:
+        return
+    room = _room_of(conn)
+    watching = rooms.get(room)
+    if watching is not None:
+        watching.discard(conn)
+        if not watching:
+            del rooms[room]
+
+
 def _shown(conn: Connection) -> Mapping[str, Any]:
     """What the room's member list shows of a chat member (``Hub.presence_info``)."""
     return {"name": _name_of(conn) or "anonymous"}
@@ -88,8 +121,11 @@ def _on_presence(hub: Hub) -> Callable[[PresenceEvent], None]:
         """A join or leave anywhere: tell this node's members of the room who asked."""
         update = json.dumps({"type": "presence", "event": event.kind, "id": event.connection,
                              "name": str(event.info.get("name") or "anonymous")})
-        for conn in hub.local_members(event.room):
-            if conn.is_open and _wants_presence(conn):
+        watching = _WATCHERS.get(hub, {}).get(event.room)
+        if not watching:
+            return
+        for conn in list(watching):
+            if conn.is_open:
                 conn.send_prepared(conn.prepare(update.encode(), binary=False))
     return changed
 
@@ -107,8 +143,10 @@ async def _send_members(conn: Connection) -> None:
 
 async def _chat_open(conn: Connection) -> None:
     if _wants_presence(conn):
+        _watchers(conn.hub, _room_of(conn)).add(conn)
         await _send_members(conn)
-    await _notice(conn, "join")
+    if not _is_quiet(conn):
+        await _notice(conn, "join")
 
 
 async def _chat_message(conn: Connection, msg: Message) -> None:
@@ -116,7 +154,10 @@ async def _chat_message(conn: Connection, msg: Message) -> None:
 
 
 async def _chat_close(conn: Connection, code: int, reason: str) -> None:
-    await _notice(conn, "leave")
+    if _wants_presence(conn):
+        _unwatch(conn)
+    if not _is_quiet(conn):
+        await _notice(conn, "leave")
 
 
 CHAT: Final = EventHandler(on_open=_chat_open, on_message=_chat_message, on_close=_chat_close)
@@ -130,7 +171,8 @@ ECHO: Final = EventHandler(on_message=_echo_message)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    """The chat socket: join ``room`` (default ``general``) under ``name``."""
+    """The chat socket: join ``room`` (default ``general``) under ``name`` (``presence=1``:
+    the member list and its events; ``quiet=1``: no join or leave notice)."""
     room = request.query.get("room", DEFAULT_ROOM)
     try:
         validate_room(room)
@@ -140,6 +182,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     metadata = {"room": room, "name": name}
     if request.query.get("presence") == "1":
         metadata["presence"] = "1"
+    if request.query.get("quiet") == "1":
+        metadata["quiet"] = "1"
     return await get_hub(request).upgrade(
         request, CHAT, rooms=[room], metadata=metadata, replay=CHAT_REPLAY,
     )

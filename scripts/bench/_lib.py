@@ -312,6 +312,8 @@ class Client(asyncio.Protocol):
         self.reads = 0
         """``data_received`` calls: frames / reads shows how many frames a write held."""
         self.compressed = 0
+        self.pings = 0
+        """WebSocket pings received (each answered with a pong at once)."""
         self.last = 0.0
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -375,6 +377,7 @@ class Client(asyncio.Protocol):
                         stamp = buf[start:buf.index(b" ", start)]
                         stamps.append(now - int(stamp) / 1e6)
             elif opcode == 9 and self.transport is not None:
+                self.pings += 1
                 self.transport.write(masked(buf[start:start + n], 0xA))  # keepalive pong
             elif opcode == 8:
                 self.closed = True

@@ -132,3 +132,19 @@ def test_max_connections_per_user_flag(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("ROOMCAST_MAX_CONNECTIONS_PER_USER", "5")
     assert _config().max_connections_per_user == 5
     assert "--max-connections-per-user" in _refused(capsys, "--max-connections-per-user", "-1")
+
+
+def test_backlog_flag(monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    """--backlog (default 2048) and ROOMCAST_BACKLOG reach the listening socket's
+    backlog; 0 stops the node naming the flag."""
+    monkeypatch.delenv("ROOMCAST_BACKLOG", raising=False)
+    seen: list[int] = []
+    monkeypatch.setattr(cli, "configure_logging", lambda *a, **kw: None)
+    monkeypatch.setattr(cli.web, "run_app", lambda *a, **kw: seen.append(kw["backlog"]))
+    assert cli.main(["serve"]) == 0
+    assert cli.main(["serve", "--backlog", "64"]) == 0
+    monkeypatch.setenv("ROOMCAST_BACKLOG", "512")
+    assert cli.main(["serve"]) == 0
+    assert seen == [cli.DEFAULT_BACKLOG, 64, 512] and cli.DEFAULT_BACKLOG == 2048
+    assert "--backlog" in _refused(capsys, "--backlog", "0")

@@ -20,7 +20,7 @@ import websockets
 from aiohttp import web
 
 from roomcast.broker import MemoryBroker, MemoryBus, Publisher, RedisBroker
-from roomcast.node import HUB, Connection, EventHandler, Hub, HubConfig
+from roomcast.node import HUB, Connection, EventHandler, Hub, HubConfig, demo
 from roomcast.node.app import NodeOptions, create_app
 from roomcast.node.auth import Auth, Identity
 from roomcast.shared.envelope import Envelope, Kind, decode, encode
@@ -435,6 +435,40 @@ async def test_demo_chat_member_list_across_nodes(serve: Serve) -> None:
                                                  "id": bob_id, "name": "Bob"}
         await plain.close()
         await ann.close()
+
+
+async def test_demo_chat_quiet_member_and_presence_watchers(serve: Serve) -> None:
+    """A chat socket with quiet=1 joins and leaves with no notice and gets the room's
+    messages; presence events go to the sockets that asked, on each node, and stop
+    once such a socket has left."""
+    bus = MemoryBus()
+    app = create_app(broker=MemoryBroker(bus))
+    one = (await serve(app)).replace("http", "ws")
+    two = (await serve(create_app(broker=MemoryBroker(bus)))).replace("http", "ws")
+    async with aiohttp.ClientSession() as http:
+        ann = await http.ws_connect(f"{one}/chat?room=r&name=Ann&presence=1")
+        await _until(ann, "members")
+        plain = await http.ws_connect(f"{two}/chat?room=r&name=Bo")
+        assert await _until(plain, "join") == {"type": "join", "name": "Bo", "members": 2}
+        assert (await _until(ann, "presence"))["name"] == "Bo"
+        quiet = await http.ws_connect(f"{two}/chat?room=r&name=Q&quiet=1")
+        quiet_id = quiet._response.headers["X-Roomcast-Connection"]
+        assert await _until(ann, "presence") == {"type": "presence", "event": "join",
+                                                 "id": quiet_id, "name": "Q"}
+        hello = '{"type": "message", "text": "hello"}'
+        await plain.send_str(hello)
+        assert await quiet.receive_str(timeout=5) == hello  # no notice came before it
+        assert await plain.receive_str(timeout=5) == hello  # nor to the others
+        await quiet.close()
+        assert await _until(ann, "presence") == {"type": "presence", "event": "leave",
+                                                 "id": quiet_id, "name": "Q"}
+        after = '{"type": "message", "text": "after"}'
+        await plain.send_str(after)
+        assert await plain.receive_str(timeout=5) == after  # the quiet leave: no notice
+        await ann.close()
+        assert await _until(plain, "leave") == {"type": "leave", "name": "Ann",
+                                                "members": 1}
+        assert demo._WATCHERS.get(app[HUB]) == {}  # Ann's entry went with her (first)
 
 
 # -- the per-user connection limit -----------------------------------------------------
