@@ -212,14 +212,16 @@ async def test_compression_deflates_once_per_broadcast(
             await client.close()
 
 
+@pytest.mark.parametrize("delay_ms", [0, 10], ids=["no-delay", "delay-10ms"])
 async def test_slow_consumer_is_bounded_cut_off_and_never_delays_the_others(
-    make_node: Callable[..., Awaitable[Node]],
+    make_node: Callable[..., Awaitable[Node]], delay_ms: int,
 ) -> None:
     """A member that stops reading holds at most send_buffer_limit bytes plus one frame,
     is cut off with 1013 only once the bytes it held were over the limit, and the member
-    that reads gets every broadcast before the next one is made."""
+    that reads gets every broadcast before the next one is made. With a write delay
+    too: batched bytes count as held."""
     limit = 64 * 1024
-    node = await make_node(send_buffer_limit=limit)
+    node = await make_node(send_buffer_limit=limit, write_delay_ms=delay_ms)
     sock, slow = await raw_client(node, rcvbuf=4096)  # never reads
     async with aiohttp.ClientSession() as session:
         fast = await session.ws_connect(node.base + "/ws")
