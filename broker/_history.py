@@ -68,12 +68,18 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from roomcast.broker._keys import Keys
 from roomcast.broker._transport import REDIS_ERRORS, Command, Transport
+from roomcast.shared.cache import BoundedCache
 from roomcast.shared.envelope import Envelope, decode, encode_head
 from roomcast.shared.errors import BrokerError, EnvelopeError
 from roomcast.shared.history import History, HistoryPage, Position, new_epoch
 from roomcast.shared.ids import Room
 
 log = logging.getLogger("roomcast.broker.redis")
+
+DECODED_CACHE_BYTES: Final = 4 * 2**20
+"""About how much memory the envelopes decoded from history entries may hold, kept by the
+entry's bytes (``shared.cache``): a room's clients recovering the same messages at once
+decode each once, not once each."""
 
 # room_position(): the room's epoch and top offset under the rules above, or nil when
 # the caller's durability is stale. ARGV 1 run id ('' = read it here), 2 durable
@@ -222,6 +228,7 @@ class RedisHistory:
         """Failure domain -> SHAs loaded there since the last failure seen there."""
         self.dropped = 0
         """Stored entries that did not decode (left out of pages)."""
+        self._decoded: BoundedCache[bytes, Envelope] = BoundedCache(DECODED_CACHE_BYTES)
         self.pass_run_id = True
         """Hand the publish link's run id to the script (False: the script reads it with
         INFO server; the benchmark compares the two)."""
@@ -262,9 +269,17 @@ class RedisHistory:
         except (TypeError, ValueError) as exc:
             raise BrokerError(f"unexpected reply from the history script: {reply!r}") from exc
         envelopes: list[Envelope] = []
+        decoded = self._decoded
         for data in entries:
+            envelope = decoded.get(data) if type(data) is bytes else None
+            if envelope is not None:
+                envelopes.append(envelope)
+                continue
             try:
-                envelopes.append(decode(data))
+                envelope = decode(data)
+                envelopes.append(envelope)
+                if type(data) is bytes:
+                    decoded.put(data, envelope, 2 * len(data))  # the key and the payload
             except EnvelopeError as exc:
                 # not ours (someone wrote into the key): left out, so the page shows a gap
                 self.dropped += 1

@@ -63,6 +63,7 @@ from roomcast.node.v1 import (
     parse_upgrade_params,
     welcome_frame,
 )
+from roomcast.shared.cache import BoundedCache
 from roomcast.shared.config import HubConfig
 from roomcast.shared.envelope import Envelope, Kind
 from roomcast.shared.errors import BrokerError, HandshakeError, PublishError
@@ -106,6 +107,8 @@ from roomcast.shared.users import (
 
 log = logging.getLogger("roomcast.node")
 
+REPLAY_CACHE_BYTES: Final = 4 * 2**20
+"""Bytes of replayed messages' frames a hub keeps for the next member that recovers them."""
 _DRAIN_POLL: Final = 0.005
 """Seconds between checks of a client's unsent bytes while a long replay waits for it
 (the transport has no drain event the hub can await)."""
@@ -158,13 +161,13 @@ class Hub:
         self.on_envelope_latency: Callable[[float], None] | None = None
         """Called with publish-to-delivery seconds of each envelope from another node."""
         self._framed_conns: dict[ConnectionId, Connection] = {}
+        """The roomcast.v1 connections (also in ``_connections``)."""
         self._users: dict[Room, dict[ConnectionId, Connection]] = {}
         """Each user's internal room: its connections on this node."""
         self._presence_callbacks: list[PresenceCallback] = []
         self.presence_info: Callable[[Connection], Mapping[str, Any]] | None = None
         """What presence shows of a connection (``room_presence``, events); None: its
         identity's info (``conn.user_info``; nothing for anonymous connections)."""
-        """The roomcast.v1 connections (also in ``_connections``)."""
         self._pending: dict[Room, dict[ConnectionId, PendingJoin]] = {}
         """v1 members joining rooms with history, not yet caught up with the stream."""
         self._subscribing: dict[Room, asyncio.Future[None]] = {}
@@ -176,6 +179,10 @@ class Hub:
         or whose publish failed after it may have reached Redis and which local members
         therefore got without a position (True). Redis may still have stored such a
         message: its copy from the stream is then not delivered here a second time."""
+        self._replay_frames: BoundedCache[tuple[Room, str, int], PreparedMessage] = (
+            BoundedCache(REPLAY_CACHE_BYTES))
+        """Frames of replayed messages by room and position, shared by every member that
+        recovers them (``_recover``): in a reconnect storm each is framed once."""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -654,10 +661,15 @@ class Hub:
         replayed = 0
         budget = max(self.config.send_buffer_limit // 2, 1)
         queued = 0
+        frames = self._replay_frames
         for env in envelopes:
             if previous is not None and env.exclude == previous:
                 continue
-            frame = message_frame(env.payload, env.binary, name, (env.epoch, env.offset))
+            key = (name, env.epoch, env.offset)
+            frame = frames.get(key)
+            if frame is None:
+                frame = message_frame(env.payload, env.binary, name, (env.epoch, env.offset))
+                frames.put(key, frame, len(frame.frame))
             if queued and queued + len(frame.payload) > budget:
                 # A long replay goes out as fast as the client reads it, not all at
                 # once: queued whole it could exceed send_buffer_limit and cut off a

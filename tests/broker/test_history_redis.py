@@ -110,6 +110,34 @@ async def test_history_publish_is_one_evalsha_and_plain_publish_unchanged(
         await backend.close()
 
 
+async def test_history_reads_decode_each_entry_once_and_leave_garbage_out(
+    redis_server: RedisServer,
+) -> None:
+    """Two reads of the same messages give the very same envelopes (decoded once, as a
+    reconnect storm's many reads of one page are); an entry that is not an envelope
+    (written into the stream by someone else) is left out of every read and counted
+    each time, so the page shows the gap."""
+    backend = Backend("redis", [redis_server])
+    try:
+        a = await backend.node("a")
+        room = fresh_room()
+        for i in range(3):
+            await a.broker.publish(envelope(Kind.ROOM, room, b"%d" % i), history=H)
+        with redis_server.client() as client:  # an entry of the next offset's number
+            client.xadd(backend.keys.history_stream(room), {"o": 4, "m": b"\xc1garbage"})
+        await a.broker.publish(envelope(Kind.ROOM, room, b"after"), history=H)
+        first = await a.broker.read_history(room, H, since=0)
+        second = await a.broker.read_history(room, H, since=0)
+        # the foreign entry took the place of one of the four it counted back: a gap
+        assert [e.payload for e in first.envelopes] == [b"1", b"2", b"after"]
+        assert [e.offset for e in first.envelopes] == [2, 3, 4]
+        assert first.gap(Position(first.epoch, 0)) is not None
+        assert all(x is y for x, y in zip(first.envelopes, second.envelopes, strict=True))
+        assert a.broker._history.dropped == 2  # once per read (and logged)
+    finally:
+        await backend.close()
+
+
 async def test_publish_link_knows_its_servers_run_id(redis_server: RedisServer) -> None:
     """The single server's publish link reads the run id of the server it reached, so
     the script need not (INFO server costs about 5 µs of Redis CPU per call)."""

@@ -658,3 +658,44 @@ async def test_a_broadcast_is_framed_once_for_all_v1_members(
         assert await sock.messages(1) == [(1, "once")]
     for raw in raws:
         assert await raw.recv() == "once"
+
+
+async def test_members_recovering_the_same_messages_share_their_frames(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three clients that missed the same three messages each get all three, exactly
+    once and in order, but each message is framed once for all of them (a reconnect
+    storm frames a page once, not once per member); one that also missed a fourth gets
+    it framed then."""
+    import roomcast.node.hub as hub_module
+    import roomcast.node.v1 as v1_module
+
+    node = await harness.node()
+    first = await harness.connect(node, "room=lobby")
+    await first.welcome()
+    epoch = (await first.recv())["epoch"]
+    await first.ws.close()
+    for i in range(1, 4):
+        await node.hub.broadcast_to_room("lobby", f"m{i}")
+    made: list[tuple[Any, ...]] = []
+    real = v1_module.message_frame
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hub_module, "message_frame", counting)
+    for _ in range(3):
+        back = await harness.connect(node, f"room=lobby&{since('lobby', epoch, 0)}")
+        me = await back.welcome()
+        assert await back.messages(3) == [(1, "m1"), (2, "m2"), (3, "m3")]
+        joined = await back.recv()
+        assert (joined["recovered"], joined["replayed"]) == (True, 3)
+        await back.nothing_more(me)
+        await back.ws.close()
+    assert [args[3] for args in made] == [(epoch, 1), (epoch, 2), (epoch, 3)]
+    await node.hub.broadcast_to_room("lobby", "m4")  # no member: nothing framed
+    back = await harness.connect(node, f"room=lobby&{since('lobby', epoch, 2)}")
+    await back.welcome()
+    assert await back.messages(2) == [(3, "m3"), (4, "m4")]
+    assert [args[3] for args in made] == [(epoch, 1), (epoch, 2), (epoch, 3), (epoch, 4)]
+    assert node.hub.stats.messages_recovered == 3 * 3 + 2
