@@ -39,3 +39,11 @@ def test_putting_a_key_again_replaces_it_and_its_size() -> None:
 def test_a_negative_bound_is_refused() -> None:
     with pytest.raises(ValueError, match="max_bytes must be >= 0"):
         BoundedCache(-1)
+
+
+def test_a_long_run_of_puts_keeps_exactly_the_newest_that_fit() -> None:
+    cache: BoundedCache[int, int] = BoundedCache(1000)
+    for i in range(20_000):
+        cache.put(i, i, 10)
+    assert (len(cache), cache.size) == (100, 1000)
+    assert [cache.get(i) for i in (19_899, 19_900, 19_999)] == [None, 19_900, 19_999]
