@@ -68,7 +68,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from roomcast.broker._keys import Keys
 from roomcast.broker._transport import REDIS_ERRORS, Command, Transport
-from roomcast.shared.cache import BoundedCache
+from roomcast.shared.cache import ENTRY_OVERHEAD, BoundedCache
 from roomcast.shared.envelope import Envelope, decode, encode_head
 from roomcast.shared.errors import BrokerError, EnvelopeError
 from roomcast.shared.history import History, HistoryPage, Position, new_epoch
@@ -279,7 +279,8 @@ class RedisHistory:
                 envelope = decode(data)
                 envelopes.append(envelope)
                 if type(data) is bytes:
-                    decoded.put(data, envelope, 2 * len(data))  # the key and the payload
+                    # the entry's bytes (the key) and the payload, and the objects
+                    decoded.put(data, envelope, 2 * len(data) + ENTRY_OVERHEAD)
             except EnvelopeError as exc:
                 # not ours (someone wrote into the key): left out, so the page shows a gap
                 self.dropped += 1

@@ -63,7 +63,7 @@ from roomcast.node.v1 import (
     parse_upgrade_params,
     welcome_frame,
 )
-from roomcast.shared.cache import BoundedCache
+from roomcast.shared.cache import ENTRY_OVERHEAD, BoundedCache
 from roomcast.shared.config import HubConfig
 from roomcast.shared.envelope import Envelope, Kind
 from roomcast.shared.errors import BrokerError, HandshakeError, PublishError
@@ -108,7 +108,8 @@ from roomcast.shared.users import (
 log = logging.getLogger("roomcast.node")
 
 REPLAY_CACHE_BYTES: Final = 4 * 2**20
-"""Bytes of replayed messages' frames a hub keeps for the next member that recovers them."""
+"""About how much memory the frames of replayed messages a hub keeps for the next member
+that recovers them may take (``shared.cache``): about 6,000 messages of 64 B."""
 _DRAIN_POLL: Final = 0.005
 """Seconds between checks of a client's unsent bytes while a long replay waits for it
 (the transport has no drain event the hub can await)."""
@@ -669,7 +670,8 @@ class Hub:
             frame = frames.get(key)
             if frame is None:
                 frame = message_frame(env.payload, env.binary, name, (env.epoch, env.offset))
-                frames.put(key, frame, len(frame.frame))
+                frames.put(key, frame,
+                           len(frame.payload) + len(frame.frame) + ENTRY_OVERHEAD)
             if queued and queued + len(frame.payload) > budget:
                 # A long replay goes out as fast as the client reads it, not all at
                 # once: queued whole it could exceed send_buffer_limit and cut off a
