@@ -271,21 +271,20 @@ class RedisHistory:
         envelopes: list[Envelope] = []
         decoded = self._decoded
         for data in entries:
-            envelope = decoded.get(data) if type(data) is bytes else None
-            if envelope is not None:
-                envelopes.append(envelope)
-                continue
-            try:
-                envelope = decode(data)
-                envelopes.append(envelope)
-                if type(data) is bytes:
-                    # the entry's bytes (the key) and the payload, and the objects
+            cached = type(data) is bytes  # anything else fails to decode (and may not hash)
+            envelope = decoded.get(data) if cached else None
+            if envelope is None:
+                try:
+                    envelope = decode(data)
+                except EnvelopeError as exc:
+                    # not ours (someone wrote into the key): left out, the page shows a gap
+                    self.dropped += 1
+                    log.warning("room %r: a history entry is not a valid envelope (%s); "
+                                "left out", room, exc)
+                    continue
+                if cached:  # counted: the entry's bytes (the key), the payload, the objects
                     decoded.put(data, envelope, 2 * len(data) + ENTRY_OVERHEAD)
-            except EnvelopeError as exc:
-                # not ours (someone wrote into the key): left out, so the page shows a gap
-                self.dropped += 1
-                log.warning("room %r: a history entry is not a valid envelope (%s); left out",
-                            room, exc)
+            envelopes.append(envelope)
         return HistoryPage(room, epoch, top, tuple(envelopes), since, more)
 
     async def _run(self, script: Script, route: str, keys: tuple[str, ...],
