@@ -61,7 +61,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -190,13 +190,13 @@ how long a lowered ``appendfsync`` may go unnoticed."""
 
 @dataclass(frozen=True, slots=True)
 class Script:
-    """A Lua script and its SHA1, for EVALSHA."""
+    """A Lua script and its SHA1, for EVALSHA (hashed once, not on every call)."""
 
     source: str
+    sha: str = field(init=False)
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 PUBLISH: Final = Script(PUBLISH_SCRIPT)
