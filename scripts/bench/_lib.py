@@ -22,7 +22,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -73,6 +73,20 @@ def cpu_seconds(pid: int) -> float:
 def rss_kb(pid: int) -> int:
     """Resident set size of one process in KiB, from /proc."""
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KB
+
+
+def end_process(proc: subprocess.Popen[Any], timeout: float,
+                sig: int | None = signal.SIGTERM) -> None:
+    """Send ``sig`` to ``proc`` if it still runs (None: it was asked some other way),
+    wait up to ``timeout`` seconds for it to exit, then SIGKILL it (and reap it)."""
+    if sig is not None and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def machine() -> str:
@@ -207,13 +221,7 @@ class Cluster:
 
     def _stop_profilers(self) -> None:
         for prof in self.profilers:
-            if prof.poll() is None:
-                prof.send_signal(signal.SIGINT)
-            try:
-                prof.wait(20)
-            except subprocess.TimeoutExpired:
-                prof.kill()
-                prof.wait()
+            end_process(prof, 20, signal.SIGINT)  # py-spy writes its output on SIGINT
         self.profilers = []
 
     @contextlib.asynccontextmanager

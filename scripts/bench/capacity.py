@@ -185,11 +185,7 @@ class ClientProc:
         if self.proc.poll() is None:
             with contextlib.suppress(OSError):
                 self.send("quit")
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _lib.end_process(self.proc, 15, None)  # asked to quit: no signal
 
 
 def ask_all(procs: list[ClientProc], line: str) -> list[dict[str, Any]]:
@@ -423,13 +419,7 @@ def stop_server(supervisor: subprocess.Popen[bytes], workers: list[int]) -> None
     """SIGTERM the supervisor (it drains its workers); SIGKILL what is left after 40 s."""
     workers = workers + [w for w in children(supervisor.pid) if w not in workers] \
         if supervisor.poll() is None else workers
-    if supervisor.poll() is None:
-        supervisor.send_signal(signal.SIGTERM)
-    try:
-        supervisor.wait(40)
-    except subprocess.TimeoutExpired:
-        supervisor.kill()
-        supervisor.wait()
+    _lib.end_process(supervisor, 40)
     for w in workers:
         with contextlib.suppress(OSError):
             if Path(f"/proc/{w}/stat").read_text().split(") ", 1)[1][0] != "Z":
