@@ -103,6 +103,10 @@ def project(engine: Engine, compose_file: str, name: str) -> Iterator[Project]:
         record(f"{name}.up_s", round(proj.up(), 1))
         yield proj
     except BaseException:
+        # each roomcast node's own tail first: Redis' logs are long and would push
+        # the nodes' warnings (failed publishes, resubscriptions) out of view
+        for node in NODES:
+            say(f"logs of {name} {node}:\n{proj.logs(node)[-4000:]}")
         say(f"logs of {name}:\n{proj.logs()[-12000:]}")
         raise
     finally:
